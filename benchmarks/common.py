@@ -1,0 +1,112 @@
+"""Shared pieces of the benchmark scripts: honest timing, the environment record, result files.
+
+Every benchmark warms up first, synchronises before reading a clock (CUDA events on a GPU),
+repeats, reports the median and spread, and writes
+``benchmarks/results/<theme>_<device>_<date>.{json,md}`` with the device, versions and commit.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from fasthpa.envinfo import environment  # noqa: E402
+from fasthpa.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+def synchronize(device: Any) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], Any], device: Any = "cpu", warmup: int = 3, repeats: int = 10, inner: int = 1
+) -> dict[str, float]:
+    """Seconds per call of ``fn``: median, min, max and relative spread over ``repeats``.
+
+    Each repeat runs ``fn`` ``inner`` times between two synchronised clock reads (CUDA events on
+    a GPU), so very short calls are timed in groups.
+    """
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0 / inner)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t0) / inner)
+    med = statistics.median(times)
+    return {
+        "median_s": med,
+        "min_s": min(times),
+        "max_s": max(times),
+        "spread": (max(times) - min(times)) / med if med > 0 else 0.0,
+        "repeats": repeats,
+    }
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "device"
+
+
+def write_results(
+    theme: str, device: Any, rows: list[dict[str, Any]], markdown: str, extra: dict | None = None,
+    out_dir: str | Path | None = None,
+) -> tuple[Path, Path]:
+    """Write ``<theme>_<device>_<date>.json`` and ``.md`` with the environment record."""
+    env = environment(device)
+    out = Path(out_dir) if out_dir else RESULTS_DIR
+    stem = f"{theme}_{device_slug(env['device'])}_{_dt.date.today().isoformat()}"
+    payload = {"theme": theme, "date": _dt.datetime.now().isoformat(timespec="seconds"),
+               "environment": env, "rows": rows, **(extra or {})}
+    jp = atomic_write_json(out / f"{stem}.json", payload)
+    header = (
+        f"# {theme}\n\n"
+        f"- device: {env['device']}\n- cpu threads: {env['cpu_threads']}\n"
+        f"- torch {env['torch']}, triton {env['triton']}, DALI {env['dali']}, "
+        f"python {env['python']}\n- commit: {env['git_commit']}\n- date: {payload['date']}\n\n"
+    )
+    mp = atomic_write_text(out / f"{stem}.md", header + markdown + "\n")
+    return jp, mp
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0].keys())
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

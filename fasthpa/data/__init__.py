@@ -1,0 +1,1 @@
+"""The HPA dataset layer: reading the Kaggle layout, splits, synthetic data, packing, loaders."""

@@ -1,0 +1,34 @@
+"""Errors a user can cause: one clear sentence and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+EXIT_USER_ERROR = 2
+
+F = TypeVar("F", bound=Callable[..., int | None])
+
+
+class UserError(Exception):
+    """Bad input the user can fix (a missing file, a bad label, a wrong flag).
+
+    The message is one sentence naming the file, row or flag; the CLI prints it as
+    ``error: <message>`` on stderr and exits with status 2.
+    """
+
+
+def exit_on_user_error(fn: F) -> F:
+    """Decorate a CLI entry point: a UserError becomes one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(EXIT_USER_ERROR) from None
+
+    return wrapper  # type: ignore[return-value]

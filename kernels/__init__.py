@@ -1,0 +1,1 @@
+"""Fused multi-label loss kernels (installed as fasthpa.kernels)."""

@@ -1,0 +1,34 @@
+import os
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def _has_dali() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_dali = pytest.mark.skip(reason="needs NVIDIA DALI (pip install 'fasthpa[dali]')")
+    cuda, dali = _has_cuda(), _has_dali()
+    for item in items:
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(skip_gpu)
+        if "dali" in item.keywords and not dali:
+            item.add_marker(skip_dali)
