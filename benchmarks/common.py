@@ -77,15 +77,24 @@ def device_slug(name: str) -> str:
 
 
 def write_results(
-    theme: str, device: Any, rows: list[dict[str, Any]], markdown: str, extra: dict | None = None,
+    theme: str,
+    device: Any,
+    rows: list[dict[str, Any]],
+    markdown: str,
+    extra: dict | None = None,
     out_dir: str | Path | None = None,
 ) -> tuple[Path, Path]:
     """Write ``<theme>_<device>_<date>.json`` and ``.md`` with the environment record."""
     env = environment(device)
     out = Path(out_dir) if out_dir else RESULTS_DIR
     stem = f"{theme}_{device_slug(env['device'])}_{_dt.date.today().isoformat()}"
-    payload = {"theme": theme, "date": _dt.datetime.now().isoformat(timespec="seconds"),
-               "environment": env, "rows": rows, **(extra or {})}
+    payload = {
+        "theme": theme,
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "environment": env,
+        "rows": rows,
+        **(extra or {}),
+    }
     jp = atomic_write_json(out / f"{stem}.json", payload)
     header = (
         f"# {theme}\n\n"

@@ -58,8 +58,13 @@ def check_dataset(
         counts = data.targets.sum(axis=0).astype(int).tolist()
         per_sample = dict(sorted(Counter(data.targets.sum(axis=1).astype(int).tolist()).items()))
     return CheckSummary(
-        root=Path(root), split=split, samples=n, label_counts=counts,
-        labels_per_sample=per_sample, decoded=len(picks), sizes=dict(sizes),
+        root=Path(root),
+        split=split,
+        samples=n,
+        label_counts=counts,
+        labels_per_sample=per_sample,
+        decoded=len(picks),
+        sizes=dict(sizes),
     )
 
 
@@ -68,7 +73,9 @@ def print_summary(s: CheckSummary) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(f"[bold]{s.root}[/] split [bold]{s.split}[/]: {s.samples} samples, 4 stains each, all files present")
+    console.print(
+        f"[bold]{s.root}[/] split [bold]{s.split}[/]: {s.samples} samples, 4 stains each, all files present"
+    )
     sizes = ", ".join(f"{k} ({v})" for k, v in s.sizes.items())
     console.print(f"decoded {s.decoded} sample(s): {s.dtype}, sizes {sizes}")
     if s.label_counts is None:
@@ -91,13 +98,19 @@ def print_summary(s: CheckSummary) -> None:
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", type=Path, help="dataset folder (Kaggle layout)")
-    p.add_argument("--split", choices=["train", "test"], default="train", help="which split to check")
+    p.add_argument(
+        "--split", choices=["train", "test"], default="train", help="which split to check"
+    )
     p.add_argument("--decode", type=int, default=16, help="decode this many random samples")
-    p.add_argument("--decode-all", action="store_true", help="decode every sample (slow on the full set)")
+    p.add_argument(
+        "--decode-all", action="store_true", help="decode every sample (slow on the full set)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for choosing the decoded samples")
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = check_dataset(args.root, args.split, -1 if args.decode_all else args.decode, args.seed)
+    summary = check_dataset(
+        args.root, args.split, -1 if args.decode_all else args.decode, args.seed
+    )
     print_summary(summary)
     return 0

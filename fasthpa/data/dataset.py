@@ -198,7 +198,9 @@ def load_split(root: str | os.PathLike, split: str = "train") -> HPASplit:
         ids, targets = read_ids_csv(csv_path), None
     image_dir = root / split
     if not image_dir.is_dir():
-        raise UserError(f"{image_dir}: image folder not found (expected {split}/ beside {csv_path.name}).")
+        raise UserError(
+            f"{image_dir}: image folder not found (expected {split}/ beside {csv_path.name})."
+        )
     return HPASplit(root=root, split=split, ids=ids, targets=targets)
 
 

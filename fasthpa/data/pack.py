@@ -75,7 +75,9 @@ def read_packed(path: str | os.PathLike) -> np.ndarray:
                 raise UserError(f"{path}: packed PNG is {img.mode}, expected RGBA.")
             arr = np.asarray(img)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 4:
-        raise UserError(f"{path}: packed sample has shape {arr.shape} {arr.dtype}, expected [H, W, 4] uint8.")
+        raise UserError(
+            f"{path}: packed sample has shape {arr.shape} {arr.dtype}, expected [H, W, 4] uint8."
+        )
     return arr
 
 
@@ -107,8 +109,9 @@ def _encode(img: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _pack_one(sample_id: str, image_dir: str, out: str, fmt: str, size: int | None,
-              verify: bool) -> tuple[int, int, int]:
+def _pack_one(
+    sample_id: str, image_dir: str, out: str, fmt: str, size: int | None, verify: bool
+) -> tuple[int, int, int]:
     """Pack one sample; returns (written, skipped, verified) counts."""
     path = packed_path(out, sample_id, fmt)
     written = skipped = verified = 0
@@ -124,26 +127,38 @@ def _pack_one(sample_id: str, image_dir: str, out: str, fmt: str, size: int | No
             source = resize_sample(load_sample(image_dir, sample_id), size)
         packed = read_packed(path)
         if packed.shape != source.shape or not np.array_equal(packed, source):
-            raise UserError(f"{path}: packed pixels differ from the sources in {image_dir} for Id {sample_id}.")
+            raise UserError(
+                f"{path}: packed pixels differ from the sources in {image_dir} for Id {sample_id}."
+            )
         verified = 1
     return written, skipped, verified
 
 
 def pack_dataset(
-    root: str | os.PathLike, out: str | os.PathLike, split: str = "train", fmt: str = "png",
-    size: int | None = None, workers: int = 0, verify: bool = False, progress: bool = True,
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    split: str = "train",
+    fmt: str = "png",
+    size: int | None = None,
+    workers: int = 0,
+    verify: bool = False,
+    progress: bool = True,
 ) -> PackResult:
     """Pack ``root``'s ``split`` into ``out``; see the module docstring."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}.")
     if fmt == "png" and size is not None:
-        raise UserError("--size applies to --format npy only (the packed PNG keeps the source size).")
+        raise UserError(
+            "--size applies to --format npy only (the packed PNG keeps the source size)."
+        )
     if size is not None and size < 8:
         raise UserError(f"--size {size}: must be at least 8 pixels.")
     data = load_split(root, split)
     missing = missing_files(data)
     if missing:
-        raise UserError(f"{data.image_dir}: {len(missing)} channel file(s) missing (first: {missing[0].name}); run `fasthpa check` for details.")
+        raise UserError(
+            f"{data.image_dir}: {len(missing)} channel file(s) missing (first: {missing[0].name}); run `fasthpa check` for details."
+        )
     out = Path(out)
     manifest_path = out / MANIFEST
     if manifest_path.exists():
@@ -155,12 +170,19 @@ def pack_dataset(
             )
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or min(os.cpu_count() or 1, 16)
-    fn = partial(_pack_one, image_dir=str(data.image_dir), out=str(out), fmt=fmt, size=size, verify=verify)
+    fn = partial(
+        _pack_one, image_dir=str(data.image_dir), out=str(out), fmt=fmt, size=size, verify=verify
+    )
     totals = np.zeros(3, dtype=np.int64)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task(f"packing {split} -> {fmt}", total=len(data))
         if workers == 1:
@@ -170,14 +192,27 @@ def pack_dataset(
                 bar.advance(task)
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                for r in pool.map(fn, data.ids, chunksize=max(1, min(64, len(data) // (workers * 8) or 1))):
+                for r in pool.map(
+                    fn, data.ids, chunksize=max(1, min(64, len(data) // (workers * 8) or 1))
+                ):
                     totals += r
                     bar.advance(task)
     result = PackResult(
-        out=str(out), format=fmt, size=size, split=split, source=str(Path(root).resolve()),
-        samples=len(data), written=int(totals[0]), skipped=int(totals[1]), verified=int(totals[2]),
+        out=str(out),
+        format=fmt,
+        size=size,
+        split=split,
+        source=str(Path(root).resolve()),
+        samples=len(data),
+        written=int(totals[0]),
+        skipped=int(totals[1]),
+        verified=int(totals[2]),
     )
-    atomic_write_json(manifest_path, {k: v for k, v in asdict(result).items() if k not in ("written", "skipped", "verified")} | {"channels": "RGBY", "layout": "HWC"})
+    atomic_write_json(
+        manifest_path,
+        {k: v for k, v in asdict(result).items() if k not in ("written", "skipped", "verified")}
+        | {"channels": "RGBY", "layout": "HWC"},
+    )
     # the id list, in the CSV's order, lets loaders find the files without listing the folder
     atomic_write(out / "ids.txt", lambda f: f.write(("\n".join(data.ids) + "\n").encode()))
     return result
@@ -186,16 +221,35 @@ def pack_dataset(
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", type=Path, help="dataset folder (Kaggle layout)")
     p.add_argument("--out", type=Path, required=True, help="output folder for the packed files")
-    p.add_argument("--split", choices=["train", "test"], default="train", help="which split to pack")
-    p.add_argument("--format", choices=FORMATS, default="png",
-                   help="png: one RGBA PNG per sample; npy: decoded uint8 HWC cache")
-    p.add_argument("--size", type=int, default=None, help="resize to SIZE x SIZE (npy only); default: source size")
-    p.add_argument("--workers", type=int, default=0, help="processes (0: one per CPU core, at most 16)")
-    p.add_argument("--verify", action="store_true", help="decode every packed file and compare it exactly with its sources")
+    p.add_argument(
+        "--split", choices=["train", "test"], default="train", help="which split to pack"
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="png",
+        help="png: one RGBA PNG per sample; npy: decoded uint8 HWC cache",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="resize to SIZE x SIZE (npy only); default: source size",
+    )
+    p.add_argument(
+        "--workers", type=int, default=0, help="processes (0: one per CPU core, at most 16)"
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="decode every packed file and compare it exactly with its sources",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    r = pack_dataset(args.root, args.out, args.split, args.format, args.size, args.workers, args.verify)
+    r = pack_dataset(
+        args.root, args.out, args.split, args.format, args.size, args.workers, args.verify
+    )
     msg = f"packed {r.samples} samples into {r.out} ({r.format}): {r.written} written, {r.skipped} already there"
     if args.verify:
         msg += f", {r.verified} verified exactly against the sources"

@@ -25,10 +25,17 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
     try:
         parts = [float(x) for x in text.split(",")]
     except ValueError:
-        raise UserError(f"--split {text!r}: expected fractions like 0.9,0.05,0.05 or a CSV file.") from None
+        raise UserError(
+            f"--split {text!r}: expected fractions like 0.9,0.05,0.05 or a CSV file."
+        ) from None
     if len(parts) == 2:
         parts.append(0.0)
-    if len(parts) != 3 or any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6 or parts[0] <= 0:
+    if (
+        len(parts) != 3
+        or any(p < 0 for p in parts)
+        or abs(sum(parts) - 1.0) > 1e-6
+        or parts[0] <= 0
+    ):
         raise UserError(
             f"--split {text!r}: need train,dev[,test] fractions >= 0 that sum to 1 with train > 0."
         )
@@ -128,5 +135,7 @@ def read_split_csv(path: str | os.PathLike, ids: list[str]) -> np.ndarray:
     missing = int((assignment == -1).sum())
     if missing:
         first = ids[int(np.argmax(assignment == -1))]
-        raise UserError(f"{path}: {missing} dataset Id(s) are not in the split file (first: {first}).")
+        raise UserError(
+            f"{path}: {missing} dataset Id(s) are not in the split file (first: {first})."
+        )
     return assignment
