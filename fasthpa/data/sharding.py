@@ -1,0 +1,143 @@
+"""Which dataset rows each rank reads, batch by batch, and the random augmentation draws.
+
+One rule, shared by every loader backend so they agree sample for sample:
+
+- **train**: a global permutation of ``indices`` seeded by ``(seed, epoch)`` (the same on every
+  rank), dealt round-robin to the ranks (``perm[rank::world_size]``), then cut to
+  ``(len(indices) // world_size) // batch_size`` full batches, so every rank yields the same number
+  of equal-sized batches (static shapes for compiled graphs; no DDP hang on a short rank).
+- **eval**: ``indices`` in their given order, dealt round-robin to the ranks, each rank padded
+  with ``-1`` to the same number of full batches. Every real row appears exactly once over all
+  ranks; the ``-1`` entries are padding that the evaluator masks out by index.
+
+Augmentation draws (flips, transposition, crop offsets) come from a generator seeded by
+``(seed, epoch, rank, step)``, so a resumed run replays them and every backend draws the same.
+
+Call::
+
+    plan = epoch_plan(indices, train=True, batch_size=64, rank=0, world_size=2, seed=0, epoch=3)
+    plan.shape            # [batches, batch_size] int64 rows, -1 = padding (eval only)
+    draw = augment_draws(64, seed=0, epoch=3, rank=0, step=0, ...)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fasthpa.errors import UserError
+
+# Distinct stream tags keep the permutation and the augmentation draws independent.
+_PERMUTATION_STREAM = 0x5EED
+_AUGMENT_STREAM = 0xA06
+
+
+def num_batches(n: int, *, train: bool, batch_size: int, world_size: int) -> int:
+    """Batches each rank yields per epoch for ``n`` rows (the same on every rank)."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1.")
+    if world_size < 1:
+        raise UserError(f"world size {world_size}: must be at least 1.")
+    if train:
+        return (n // world_size) // batch_size
+    per_rank = -(-n // world_size)
+    return -(-per_rank // batch_size)
+
+
+def epoch_plan(
+    indices: np.ndarray,
+    *,
+    train: bool,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+) -> np.ndarray:
+    """The rows this rank reads in ``epoch``: int64 [batches, batch_size], ``-1`` = padding.
+
+    See the module docstring for the rule. Raises UserError when training would yield no batch.
+    """
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is outside 0-{world_size - 1}.")
+    n = len(indices)
+    nb = num_batches(n, train=train, batch_size=batch_size, world_size=world_size)
+    if train:
+        if nb == 0:
+            raise UserError(
+                f"--batch-size {batch_size}: the {n} training rows give no full batch on each of "
+                f"{world_size} rank(s); lower --batch-size."
+            )
+        rng = np.random.default_rng([seed, epoch, _PERMUTATION_STREAM])
+        mine = indices[rng.permutation(n)][rank::world_size]
+        return mine[: nb * batch_size].reshape(nb, batch_size)
+    mine = indices[rank::world_size]
+    out = np.full(nb * batch_size, -1, dtype=np.int64)
+    out[: len(mine)] = mine
+    return out.reshape(nb, batch_size)
+
+
+@dataclass(frozen=True)
+class AugmentDraws:
+    """Per-sample augmentation decisions for one batch (numpy arrays of length B).
+
+    ``transpose`` swaps H and W (with the flips it gives the 8 dihedral views);
+    ``crop_y``/``crop_x`` are the top-left corner of the crop window (0 when no crop).
+    """
+
+    hflip: np.ndarray
+    vflip: np.ndarray
+    transpose: np.ndarray
+    crop_y: np.ndarray
+    crop_x: np.ndarray
+
+    def as_array(self) -> np.ndarray:
+        """int32 [B, 5]: hflip, vflip, transpose, crop_y, crop_x (the layout DALI is fed)."""
+        return np.stack(
+            [self.hflip, self.vflip, self.transpose, self.crop_y, self.crop_x], axis=1
+        ).astype(np.int32)
+
+
+def augment_draws(
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    step: int,
+    train: bool,
+    hflip_p: float = 0.0,
+    vflip_p: float = 0.0,
+    transpose_p: float = 0.0,
+    image_size: int = 0,
+    crop: int | None = None,
+) -> AugmentDraws:
+    """Draw one batch's augmentation decisions, seeded by ``(seed, epoch, rank, step)``.
+
+    Eval (``train=False``) draws nothing: no flips, and a centred crop when ``crop`` is set.
+    ``image_size`` is the side of the image the crop is taken from.
+    """
+    zeros = np.zeros(batch_size, dtype=np.int32)
+    if crop is not None and crop > image_size:
+        raise UserError(f"--random-crop {crop} is larger than the image size {image_size}.")
+    if not train:
+        c = 0 if crop is None else (image_size - crop) // 2
+        centre = np.full(batch_size, c, dtype=np.int32)
+        return AugmentDraws(zeros, zeros, zeros, centre, centre.copy())
+    rng = np.random.default_rng([seed, epoch, rank, step, _AUGMENT_STREAM])
+    # always draw every stream, so turning one augmentation on does not shift the others
+    u = rng.random((3, batch_size))
+    if crop is None:
+        ys = xs = zeros
+        rng.integers(0, 1, size=(2, batch_size))
+    else:
+        ys, xs = rng.integers(0, image_size - crop + 1, size=(2, batch_size), dtype=np.int32)
+    return AugmentDraws(
+        hflip=(u[0] < hflip_p).astype(np.int32),
+        vflip=(u[1] < vflip_p).astype(np.int32),
+        transpose=(u[2] < transpose_p).astype(np.int32),
+        crop_y=np.asarray(ys, dtype=np.int32),
+        crop_x=np.asarray(xs, dtype=np.int32),
+    )

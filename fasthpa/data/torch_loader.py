@@ -1,0 +1,164 @@
+"""The PyTorch twin of the DALI pipelines: the fallback without DALI and the baseline for its figures.
+
+Worker processes (``torch.utils.data.DataLoader``, persistent, pinned memory on CUDA) each build
+whole batches: decode through the dataset layer (the exact-or-reject PNG rule, ``read_packed``
+or ``np.load`` for the cache), resize with PIL (``fasthpa.data.pack.resize_sample``, the
+function the npy cache was written with) and crop, then stack uint8 HWC. The main process copies
+the uint8 batch to the device (4x less traffic than float) and there applies the transposition,
+the flips and the normalisation, then views the HWC batch as NCHW (channels_last, no copy).
+
+The sampler walks :func:`fasthpa.data.sharding.epoch_plan`; the augmentation draws come from
+:func:`fasthpa.data.sharding.augment_draws`, so this loader and the DALI one agree sample for
+sample.
+
+Call it through :func:`fasthpa.data.loader.build_loader` (``backend="torch"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from fasthpa.data.loader import LoaderSpec, read_sample
+from fasthpa.data.pack import resize_sample
+from fasthpa.errors import UserError
+from fasthpa.labels import NUM_LABELS
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """Map-style dataset whose items are whole batches: ``(rows, draws) -> (pixels, rows, draws)``.
+
+    Sent to the worker processes; holds only the source description and sizes.
+    """
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        self.source = spec.source
+        self.channels = spec.channels
+        self.image_size = spec.image_size
+        self.side = spec.side
+        self.crop = spec.crop
+        self.pad_row = spec.pad_row
+
+    def __len__(self) -> int:  # items come from the sampler; the length is never used
+        return 0
+
+    def load(self, row: int, crop_y: int, crop_x: int) -> np.ndarray:
+        img = read_sample(self.source, row, self.channels)
+        img = resize_sample(img, self.image_size)
+        if img.shape[0] != self.side or img.shape[1] != self.side:
+            raise UserError(
+                f"{self.source.sample_paths(row)[0]}: Id {self.source.ids[row]} is "
+                f"{img.shape[1]}x{img.shape[0]}, other samples {self.side}x{self.side}; "
+                f"set --image-size to load them together."
+            )
+        if self.crop is not None:
+            img = img[crop_y : crop_y + self.crop, crop_x : crop_x + self.crop]
+        return img
+
+    def __getitem__(self, job: tuple[np.ndarray, np.ndarray]):
+        rows, draws = job
+        imgs = [
+            self.load(int(r) if r >= 0 else self.pad_row, int(d[3]), int(d[4]))
+            for r, d in zip(rows, draws)
+        ]
+        return torch.from_numpy(np.stack(imgs)), torch.from_numpy(rows), torch.from_numpy(draws)
+
+
+class _PlanSampler(torch.utils.data.Sampler):
+    """Yields one ``(rows, draws)`` job per batch of this rank's plan for the current epoch.
+
+    Lives in the main process, so ``set_epoch`` takes effect even with persistent workers.
+    """
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        self.spec = spec
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.spec.plan(self.epoch))
+
+    def __iter__(self):
+        plan = self.spec.plan(self.epoch)
+        for step, rows in enumerate(plan):
+            yield rows, self.spec.draws(self.epoch, step).as_array()
+
+
+def augment_and_normalise(
+    pixels: torch.Tensor, draws: torch.Tensor, spec: LoaderSpec
+) -> torch.Tensor:
+    """uint8 [B, H, W, C] on the device -> [B, C, H, W] channels_last ``spec.dtype``.
+
+    ``draws`` is int32 [B, 5] (hflip, vflip, transpose, crop_y, crop_x) on the same device; the
+    crop was already taken on the CPU. Order: transposition, then flips, then normalisation.
+    """
+    h_p, v_p, t_p = spec.augment.probabilities() if spec.train else (0.0, 0.0, 0.0)
+    x = pixels
+    # torch.where over both candidates avoids a host sync to ask which samples flip
+    if t_p > 0:
+        x = torch.where(draws[:, 2, None, None, None].bool(), x.transpose(1, 2), x)
+    if h_p > 0:
+        x = torch.where(draws[:, 0, None, None, None].bool(), x.flip(2), x)
+    if v_p > 0:
+        x = torch.where(draws[:, 1, None, None, None].bool(), x.flip(1), x)
+    mean = torch.tensor(spec.stats.mean, dtype=torch.float32, device=x.device)
+    std = torch.tensor(spec.stats.std, dtype=torch.float32, device=x.device)
+    # (x / 255 - mean) / std as one multiply-add in float32, then one cast
+    scale, bias = 1.0 / (255.0 * std), -mean / std
+    y = torch.addcmul(bias, x.to(torch.float32).contiguous(), scale).to(spec.dtype)
+    return y.permute(0, 3, 1, 2)
+
+
+def lookup_labels(
+    targets: torch.Tensor | None, rows: torch.Tensor, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """float32 [B, 28] labels of ``rows`` (int64 on the device); zeros for padding and no targets."""
+    if targets is None:
+        return torch.zeros(batch_size, NUM_LABELS, dtype=torch.float32, device=device)
+    real = rows >= 0
+    labels = targets.index_select(0, rows.clamp(min=0))
+    return labels * real[:, None].to(labels.dtype)
+
+
+def targets_on_device(spec: LoaderSpec) -> torch.Tensor | None:
+    t = spec.source.targets
+    if t is None:
+        return None
+    return torch.as_tensor(np.asarray(t), dtype=torch.float32).to(spec.device)
+
+
+class TorchBatchLoader:
+    """PyTorch DataLoader backend; see the module docstring. Build with ``build_loader``."""
+
+    backend = "torch"
+
+    def __init__(self, spec: LoaderSpec) -> None:
+        self.spec = spec
+        self.sampler = _PlanSampler(spec)
+        self.targets = targets_on_device(spec)
+        cuda = spec.device.type == "cuda"
+        kwargs = {}
+        if spec.workers > 0:
+            # two batches in flight per worker keep the device fed without hoarding memory
+            kwargs = {"persistent_workers": True, "prefetch_factor": 2}
+        self.loader = torch.utils.data.DataLoader(
+            _BatchReader(spec), batch_size=None, sampler=self.sampler,
+            num_workers=spec.workers, pin_memory=cuda, **kwargs,
+        )  # fmt: skip
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        spec, dev = self.spec, self.spec.device
+        for pixels, rows, draws in self.loader:
+            pixels = pixels.to(dev, non_blocking=True)
+            rows = rows.to(dev, non_blocking=True)
+            draws = draws.to(dev, non_blocking=True)
+            images = augment_and_normalise(pixels, draws, spec)
+            labels = lookup_labels(self.targets, rows, spec.batch_size, dev)
+            yield images, labels, rows
