@@ -1,0 +1,897 @@
+"""Fit per-label decision thresholds on dev probabilities and report the macro F1 gain.
+
+Command line (PROBS: a run's dev_probs.npz, an [N, 28] .npy, or a CSV of Id plus 28 columns;
+LABELS: a train.csv-style Id,Target file matched by Id, or an [N, 28] multi-hot .npy/.npz)::
+
+    fasthpa thresholds --probs runs/r1/dev_probs.npz --out runs/r1/thresholds_exact.json
+    fasthpa thresholds --probs dev.csv --labels train.csv --method grid --out thresholds.json
+    fasthpa thresholds --probs dev.npy --labels dev_labels.npy --rare-below 10 --out t.json
+
+Python (numpy arrays or torch tensors, [N, L]; runs on the GPU when the tensors are there)::
+
+    from fasthpa.thresholds import fit_thresholds, per_label_metrics, write_thresholds_json
+    result = fit_thresholds(probs, labels, method="exact")      # "exact" | "grid" | "prevalence"
+    result.thresholds, result.f1_tuned, result.macro_f1_tuned   # numpy [L], numpy [L], float
+    write_thresholds_json("thresholds.json", result)
+    per_label_metrics(probs, labels, result.thresholds)["macro_f1"]
+
+Methods, all predicting a label positive when its score is >= its threshold:
+
+- ``exact``: the cut that maximises F1 on the fitting data among all distinct score values, for
+  every label at once (sort each column, cumulative true positives, F1 at the end of each tie
+  group, argmax). The threshold returned is the midpoint between the chosen cut score and the next
+  lower distinct score (so it classifies the fitting data exactly like the cut, and leaves a
+  margin on both sides for unseen data), rounded to the probabilities' dtype; when the best cut
+  keeps every sample it is the lowest score. Among cuts with equal F1 the highest one wins.
+- ``grid``: the best of t = 0.00, 0.01, ..., 1.00 (what most public code did); F1 ties go to the
+  t closest to 0.5, then to the lower t.
+- ``prevalence``: predict the k = round(rate * N) highest scores positive, rate being the label's
+  frequency (``prevalence="fit"``: in the fitting labels; ``"kaggle"``: in the Kaggle train.csv;
+  or an array of L rates). Ties at the k-th score are all predicted positive; k = 0 gives a
+  threshold just above the highest score.
+
+Edge cases: a label with no positives in the fitting set keeps ``default`` (0.5) under ``exact``
+and ``grid`` (no cut can do better than F1 = 0 there) and gets a note; labels with fewer than
+``rare_below`` positives can be shrunk toward 0.5 or switched to the prevalence rule, because
+tuned thresholds overfit rare labels. F1 follows scikit-learn's ``zero_division=0``: a label
+with no positives and no positive predictions scores 0, and the macro F1 is the mean over all
+labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fasthpa.errors import UserError
+from fasthpa.io import atomic_write_json
+from fasthpa.labels import KAGGLE_TRAIN_COUNTS, KAGGLE_TRAIN_SAMPLES, LABEL_NAMES, NUM_LABELS
+
+if TYPE_CHECKING:
+    import torch
+
+METHODS = ("exact", "grid", "prevalence")
+RARE_RULES = ("shrink", "prevalence")
+DEFAULT_THRESHOLD = 0.5
+GRID_STEPS = 100  # grid thresholds are j / GRID_STEPS for j = 0..GRID_STEPS
+
+
+@dataclass
+class ThresholdResult:
+    """What ``fit_thresholds`` found: thresholds and F1 per label, before and after tuning."""
+
+    method: str
+    """"exact", "grid" or "prevalence"."""
+    label_names: tuple[str, ...]
+    """One name per label (column)."""
+    thresholds: np.ndarray
+    """float64 [L]: predict label l when its score is >= thresholds[l]."""
+    f1_at_05: np.ndarray
+    """float64 [L]: F1 per label at the fixed threshold 0.5."""
+    f1_tuned: np.ndarray
+    """float64 [L]: F1 per label at ``thresholds`` (on the fitting data)."""
+    macro_f1_at_05: float
+    """Mean of ``f1_at_05``."""
+    macro_f1_tuned: float
+    """Mean of ``f1_tuned``."""
+    positives: np.ndarray
+    """int64 [L]: positive samples per label in the fitting set."""
+    n_samples: int
+    """Rows in the fitting set."""
+    notes: dict[int, str] = field(default_factory=dict)
+    """label index -> why its threshold is not the plain tuned one (no positives, rare label)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The settings that produced the result (rare_below, rare_rule, shrink, prevalence, ...)."""
+
+    @property
+    def gain(self) -> np.ndarray:
+        """float64 [L]: tuned F1 minus F1 at 0.5."""
+        return self.f1_tuned - self.f1_at_05
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``thresholds.json`` payload (plain Python types, stable key names)."""
+        return {
+            "method": self.method,
+            "label_names": list(self.label_names),
+            "thresholds": [float(t) for t in self.thresholds],
+            "f1_at_0.5": [float(f) for f in self.f1_at_05],
+            "f1_tuned": [float(f) for f in self.f1_tuned],
+            "macro_f1_at_0.5": float(self.macro_f1_at_05),
+            "macro_f1_tuned": float(self.macro_f1_tuned),
+            "positives": [int(p) for p in self.positives],
+            "n_samples": int(self.n_samples),
+            "notes": {str(k): v for k, v in sorted(self.notes.items())},
+            "options": self.options,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_tensors(probs: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities as a float32/float64 tensor and labels as a bool tensor on the same device.
+
+    float16/bfloat16 scores are widened to float32 (thresholds are then float32 values); float64
+    stays float64 so thresholds fit the given scores exactly.
+    """
+    import torch
+
+    p = probs if isinstance(probs, torch.Tensor) else torch.as_tensor(np.asarray(probs))
+    if not (p.is_floating_point()):
+        raise ValueError(f"probabilities must be floating point, got {p.dtype}")
+    if p.dtype != torch.float64:
+        p = p.to(torch.float32)
+    y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    y = y.to(p.device)
+    if p.ndim != 2 or y.shape != p.shape:
+        raise ValueError(
+            f"probabilities and labels must both be [N, L] with the same shape, got "
+            f"{tuple(p.shape)} and {tuple(y.shape)}"
+        )
+    if p.shape[0] == 0:
+        raise ValueError("need at least one sample to fit thresholds")
+    if y.dtype != torch.bool:
+        if bool(((y != 0) & (y != 1)).any()):
+            raise ValueError("labels must be 0/1 (multi-hot)")
+        y = y != 0
+    # one check for NaN and range: NaN fails both comparisons
+    if not bool(((p >= 0) & (p <= 1)).all()):
+        raise ValueError("probabilities must lie in [0, 1] (found NaN or a value outside)")
+    # -0.0 would sort below +0.0 as bits (and +0.0 == -0.0 anyway); adding 0.0 turns it into +0.0
+    return p + 0.0, y
+
+
+def _thresholds_tensor(thresholds: Any, n_labels: int, device: Any) -> torch.Tensor:
+    import torch
+
+    t = torch.as_tensor(np.asarray(thresholds, dtype=np.float64), device=device)
+    if t.ndim == 0:
+        t = t.expand(n_labels)
+    if t.shape != (n_labels,):
+        raise ValueError(f"need one threshold per label ({n_labels}), got shape {tuple(t.shape)}")
+    return t
+
+
+def _predict(p: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """``p >= thresholds`` compared exactly: in p's dtype when every threshold is representable
+    there (always so for thresholds fitted here), else in float64."""
+    import torch
+
+    t_cast = thresholds.to(p.dtype)
+    if torch.equal(t_cast.to(torch.float64), thresholds):
+        return p >= t_cast
+    return p.to(torch.float64) >= thresholds
+
+
+def _f1_from_counts(tp: torch.Tensor, predicted: torch.Tensor, support: torch.Tensor):
+    """F1 = 2 TP / (predicted + support), 0 where both are 0 (scikit-learn's zero_division=0)."""
+    import torch
+
+    tp, predicted, support = (x.to(torch.float64) for x in (tp, predicted, support))
+    denom = predicted + support
+    return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.zeros_like(denom))
+
+
+def per_label_metrics(probs: Any, labels: Any, thresholds: Any) -> dict[str, Any]:
+    """Precision, recall, F1 and support per label, and the macro F1, at the given thresholds.
+
+    ``probs`` [N, L] floats in [0, 1], ``labels`` [N, L] 0/1 (numpy or torch, any device),
+    ``thresholds`` one float or [L]. Predicts positive when score >= threshold. Returns numpy
+    arrays ``precision``, ``recall``, ``f1`` (float64 [L]), ``support``, ``predicted``, ``tp``
+    (int64 [L]) and the float ``macro_f1`` (mean F1 over all L labels). Zero divisions give 0,
+    as scikit-learn's ``precision_recall_fscore_support(..., zero_division=0)``.
+
+        m = per_label_metrics(dev_probs, dev_labels, 0.5); m["macro_f1"], m["f1"][27]
+    """
+    p, y = _as_tensors(probs, labels)
+    return _metrics(p, y, thresholds)
+
+
+def _metrics(p: torch.Tensor, y: torch.Tensor, thresholds: Any) -> dict[str, Any]:
+    import torch
+
+    t = _thresholds_tensor(thresholds, p.shape[1], p.device)
+    pred = _predict(p, t)
+    count = _count_dtype(p.shape[0])
+    tp = (pred & y).sum(0, dtype=count)
+    predicted = pred.sum(0, dtype=count)
+    support = y.sum(0, dtype=count)
+    tp64, pr64, su64 = (x.to(torch.float64) for x in (tp, predicted, support))
+    precision = torch.where(pr64 > 0, tp64 / pr64.clamp_min(1), torch.zeros_like(tp64))
+    recall = torch.where(su64 > 0, tp64 / su64.clamp_min(1), torch.zeros_like(tp64))
+    f1 = _f1_from_counts(tp, predicted, support)
+    out = {
+        "precision": precision.cpu().numpy(),
+        "recall": recall.cpu().numpy(),
+        "f1": f1.cpu().numpy(),
+        "support": support.cpu().numpy().astype(np.int64),
+        "predicted": predicted.cpu().numpy().astype(np.int64),
+        "tp": tp.cpu().numpy().astype(np.int64),
+    }
+    out["macro_f1"] = float(out["f1"].mean())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The searches. All work on the [L, N] transposed layout: each label's scores are one contiguous
+# row, which sorts faster than a strided column. No Python loop over labels or candidates.
+# ---------------------------------------------------------------------------------------------
+
+
+def _sort_desc(p: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each label's scores sorted high to low ([L, N]) and its labels in the same order."""
+    import torch
+
+    int_dtype = torch.int32 if p.dtype == torch.float32 else torch.int64
+    # Non-negative IEEE floats order like their bit patterns read as integers, and integer sorts
+    # are faster than float sorts on CPU (about 20% here); the values come back by a free view.
+    keys = p.t().contiguous().view(int_dtype)
+    keys, order = torch.sort(keys, dim=1, descending=True)
+    ys = torch.gather(y.t(), 1, order)
+    return keys.view(p.dtype), ys
+
+
+def _count_dtype(n: int):
+    import torch
+
+    # int32 counts are exact below 2**31 samples and their cumsum is ~5x faster than int64 on CPU
+    return torch.int32 if n < 2**31 - 1 else torch.int64
+
+
+def _midpoint_below(upper: torch.Tensor, lower: torch.Tensor, has_lower: torch.Tensor):
+    """A threshold between a cut score and the next lower distinct score, in the scores' dtype.
+
+    The midpoint is computed in float64 and rounded to the scores' dtype so that comparing
+    scores in their own dtype (or in float64) gives the same answer; if rounding lands on
+    ``lower`` the cut score itself is used. Where there is no lower score, the cut score.
+    """
+    import torch
+
+    mid = ((upper.to(torch.float64) + lower.to(torch.float64)) / 2).to(upper.dtype)
+    ok = has_lower & (mid > lower)
+    return torch.where(ok, mid, upper).to(torch.float64)
+
+
+def _exact_search(p: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact F1-optimal thresholds for every label: (thresholds float64 [L], best F1 [L])."""
+    import torch
+
+    n = p.shape[0]
+    vals, ys = _sort_desc(p, y)
+    # 1. true positives when the top k+1 scores are predicted positive
+    tp = torch.cumsum(ys, dim=1, dtype=_count_dtype(n))
+    positives = tp[:, -1:]
+    # 2. F1 = 2 TP / (predicted + positives); integers below 2**53 are exact in float64, and two
+    #    different fractions with denominators <= 2N differ by >= 1/(4N^2), far above float64
+    #    rounding, so the argmax is the exact one.
+    #    True division (correctly rounded) also makes equal fractions equal floats, which the
+    #    tie rule in step 4 relies on; the * 2 is exact.
+    k = torch.arange(1, n + 1, device=p.device, dtype=torch.float64)
+    f1 = k + positives
+    torch.div(tp, f1, out=f1).mul_(2)
+    # 3. a cut is only possible at the end of a tie group (the next score is lower, or none)
+    inside_group = torch.zeros_like(ys)
+    inside_group[:, :-1] = vals[:, :-1] == vals[:, 1:]
+    f1.masked_fill_(inside_group, -1.0)
+    # 4. argmax returns the first maximum: the highest threshold among equally good cuts
+    best = f1.argmax(dim=1, keepdim=True)
+    best_f1 = f1.gather(1, best).squeeze(1)
+    upper = vals.gather(1, best).squeeze(1)
+    below = (best + 1).clamp_max(n - 1)
+    lower = vals.gather(1, below).squeeze(1)
+    thresholds = _midpoint_below(upper, lower, (best + 1).squeeze(1) < n)
+    return thresholds, best_f1
+
+
+def _grid_search(p: torch.Tensor, y: torch.Tensor, steps: int = GRID_STEPS):
+    """Best of t = j / steps (j = 0..steps) per label: (thresholds float64 [L], F1 [L]).
+
+    Histogram formulation: each score falls in the bucket of grid points it reaches, so the
+    counts at every grid threshold are one suffix sum, with no loop over thresholds.
+    """
+    import torch
+
+    n_labels = p.shape[1]
+    grid = torch.arange(steps + 1, device=p.device, dtype=torch.float64) / steps
+    # bucket b: grid[j] <= score exactly for j < b (compared in float64, as the thresholds are)
+    bucket = torch.searchsorted(grid, p.t().contiguous().to(torch.float64), right=True)
+    bucket += torch.arange(n_labels, device=p.device).unsqueeze(1) * (steps + 2)
+    flat = bucket.flatten()
+    size = n_labels * (steps + 2)
+    counts = torch.bincount(flat, minlength=size).view(n_labels, steps + 2)
+    pos_counts = torch.bincount(flat[y.t().flatten()], minlength=size).view(n_labels, steps + 2)
+    # predicted positives at grid[j] = scores in buckets j+1..steps+1 (a reversed cumsum)
+    predicted = counts.flip(1).cumsum(1).flip(1)[:, 1:]
+    tp = pos_counts.flip(1).cumsum(1).flip(1)[:, 1:]
+    positives = tp[:, :1]
+    f1 = _f1_from_counts(tp, predicted, positives.expand_as(tp))
+    # ties: closest to 0.5 first, then the lower threshold
+    j = torch.arange(steps + 1, device=p.device)
+    half = steps // 2
+    preference = (j - half).abs() * 2 + (j > half).long()
+    is_best = f1 == f1.max(dim=1, keepdim=True).values
+    choice = torch.where(is_best, preference, preference.max() + 1).argmin(dim=1, keepdim=True)
+    return grid[choice.squeeze(1)], f1.gather(1, choice).squeeze(1)
+
+
+def _prevalence_rates(prevalence: Any, y: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    n_labels = y.shape[1]
+    if isinstance(prevalence, str):
+        if prevalence == "fit":
+            return y.to(torch.float64).mean(0)
+        if prevalence == "kaggle":
+            if n_labels != NUM_LABELS:
+                raise ValueError("prevalence='kaggle' needs the 28 HPA labels")
+            counts = torch.tensor(KAGGLE_TRAIN_COUNTS, dtype=torch.float64, device=y.device)
+            return counts / KAGGLE_TRAIN_SAMPLES
+        raise ValueError(f"prevalence must be 'fit', 'kaggle' or an array of rates: {prevalence!r}")
+    rates = torch.as_tensor(np.asarray(prevalence, dtype=np.float64), device=y.device)
+    if rates.shape != (n_labels,) or not bool(((rates >= 0) & (rates <= 1)).all()):
+        raise ValueError(f"prevalence needs {n_labels} rates in [0, 1]")
+    return rates
+
+
+def _prevalence_thresholds(p: torch.Tensor, y: torch.Tensor, rates: torch.Tensor):
+    """Thresholds that predict the round(rate * N) highest scores of each label positive."""
+    import torch
+
+    n = p.shape[0]
+    vals, _ = _sort_desc(p, y)
+    # round half up, deterministically (torch.round rounds half to even)
+    k = torch.floor(rates * n + 0.5).long().clamp(0, n)
+    kth = (k - 1).clamp(0, n - 1).unsqueeze(1)
+    upper = vals.gather(1, kth).squeeze(1)
+    lower = vals.gather(1, k.clamp_max(n - 1).unsqueeze(1)).squeeze(1)
+    thresholds = _midpoint_below(upper, lower, (k < n) & (k > 0))
+    # k = 0: nothing predicted on the fitting data, so a threshold just above the top score
+    top = vals[:, 0]
+    above_top = torch.nextafter(top, torch.full_like(top, math.inf)).to(torch.float64)
+    return torch.where(k == 0, above_top, thresholds), k
+
+
+def fit_thresholds(
+    probs: Any,
+    labels: Any,
+    method: str = "exact",
+    *,
+    rare_below: int = 0,
+    rare_rule: str = "shrink",
+    shrink: float = 0.5,
+    prevalence: Any = "fit",
+    default: float = DEFAULT_THRESHOLD,
+    label_names: tuple[str, ...] | list[str] | None = None,
+) -> ThresholdResult:
+    """Fit one decision threshold per label on (probs, labels) and measure F1 before and after.
+
+    ``probs`` [N, L] scores in [0, 1] and ``labels`` [N, L] 0/1, numpy or torch (the search runs
+    on the tensors' device). ``method``: "exact" | "grid" | "prevalence" (see the module doc).
+    Labels with fewer than ``rare_below`` positives (but at least one) are adjusted by
+    ``rare_rule``: "shrink" moves the tuned threshold the fraction ``shrink`` of the way to 0.5,
+    "prevalence" uses the prevalence rule. ``prevalence`` ("fit", "kaggle" or L rates) feeds the
+    prevalence rule. Labels without positives keep ``default`` under exact and grid.
+
+        r = fit_thresholds(dev_probs, dev_labels)                      # exact
+        r = fit_thresholds(dev_probs, dev_labels, rare_below=10, rare_rule="prevalence")
+    """
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if rare_rule not in RARE_RULES:
+        raise ValueError(f"rare_rule must be one of {RARE_RULES}, got {rare_rule!r}")
+    if not 0.0 <= shrink <= 1.0:
+        raise ValueError(f"shrink must lie in [0, 1], got {shrink}")
+    if rare_below < 0:
+        raise ValueError(f"rare_below must be >= 0, got {rare_below}")
+
+    p, y = _as_tensors(probs, labels)
+    n, n_labels = p.shape
+    names = tuple(label_names) if label_names is not None else _default_names(n_labels)
+    if len(names) != n_labels:
+        raise ValueError(f"need {n_labels} label names, got {len(names)}")
+    positives = y.sum(0)
+
+    if method == "exact":
+        thresholds, _ = _exact_search(p, y)
+    elif method == "grid":
+        thresholds, _ = _grid_search(p, y)
+    else:
+        thresholds, _ = _prevalence_thresholds(p, y, _prevalence_rates(prevalence, y))
+
+    # host copies of small [L] vectors: one sync, after the heavy work
+    pos_np = positives.cpu().numpy().astype(np.int64)
+    thr_np = thresholds.cpu().numpy().astype(np.float64)
+    notes: dict[int, str] = {}
+    if method != "prevalence":
+        rare = [i for i in range(n_labels) if 0 < pos_np[i] < rare_below]
+        if rare and rare_rule == "shrink":
+            for i in rare:
+                thr_np[i] = (1.0 - shrink) * thr_np[i] + shrink * DEFAULT_THRESHOLD
+                notes[i] = (
+                    f"{pos_np[i]} positives (< {rare_below}): tuned threshold moved {shrink:g} "
+                    f"of the way to {DEFAULT_THRESHOLD:g}"
+                )
+        elif rare:
+            rates = _prevalence_rates(prevalence, y)
+            prev_thr, k = _prevalence_thresholds(p, y, rates)
+            prev_np, k_np = prev_thr.cpu().numpy(), k.cpu().numpy()
+            for i in rare:
+                thr_np[i] = prev_np[i]
+                notes[i] = (
+                    f"{pos_np[i]} positives (< {rare_below}): prevalence rule, top {k_np[i]} "
+                    f"of {n} scores positive"
+                )
+        for i in np.flatnonzero(pos_np == 0):
+            thr_np[i] = default
+            notes[int(i)] = (
+                f"no positives in the fitting set: kept the default threshold {default:g}"
+            )
+
+    at_05 = _metrics(p, y, DEFAULT_THRESHOLD)
+    tuned = _metrics(p, y, thr_np)
+    return ThresholdResult(
+        method=method,
+        label_names=names,
+        thresholds=thr_np,
+        f1_at_05=at_05["f1"],
+        f1_tuned=tuned["f1"],
+        macro_f1_at_05=at_05["macro_f1"],
+        macro_f1_tuned=tuned["macro_f1"],
+        positives=pos_np,
+        n_samples=int(n),
+        notes=notes,
+        options={
+            "rare_below": int(rare_below),
+            "rare_rule": rare_rule,
+            "shrink": float(shrink),
+            "prevalence": prevalence if isinstance(prevalence, str) else "given",
+            "default": float(default),
+            "probs_dtype": str(p.dtype).removeprefix("torch."),
+        },
+    )
+
+
+def _default_names(n_labels: int) -> tuple[str, ...]:
+    return LABEL_NAMES if n_labels == NUM_LABELS else tuple(f"label_{i}" for i in range(n_labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# thresholds.json
+# ---------------------------------------------------------------------------------------------
+
+
+def write_thresholds_json(
+    path: str | os.PathLike, result: ThresholdResult, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``result`` as thresholds.json, atomically; ``extra`` keys (e.g. the source file or
+    the run's checkpoint) are added at the top level.
+
+        write_thresholds_json(run_dir / "thresholds.json", fit_thresholds(p, y), {"epoch": 12})
+    """
+    payload = result.to_json()
+    if extra:
+        clash = set(extra) & set(payload)
+        if clash:
+            raise ValueError(f"extra keys would overwrite result keys: {sorted(clash)}")
+        payload.update(extra)
+    return atomic_write_json(path, payload)
+
+
+def load_thresholds(path: str | os.PathLike, n_labels: int = NUM_LABELS) -> np.ndarray:
+    """The ``thresholds`` of a thresholds.json as float64 [n_labels]; UserError if unusable.
+
+    thr = load_thresholds(run_dir / "thresholds.json"); preds = probs >= thr
+    """
+    import json
+
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"thresholds file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"thresholds file {path} is not readable JSON ({e}).") from None
+    values = payload.get("thresholds") if isinstance(payload, dict) else None
+    try:
+        thr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        thr = np.empty(0)
+    if thr.shape != (n_labels,) or not np.isfinite(thr).all():
+        raise UserError(f"thresholds file {path} needs a 'thresholds' list of {n_labels} numbers.")
+    return thr
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the command's input files (every problem is a UserError naming the file and row)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Table:
+    """Rows read from a file: optional Ids and an [N, L] array."""
+
+    ids: list[str] | None
+    values: np.ndarray
+    path: Path
+
+
+def _load_npz(path: Path, key: str) -> tuple[list[str] | None, np.ndarray | None]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ids = [str(i) for i in z["ids"]] if "ids" in z.files else None
+            values = z[key] if key in z.files else None
+    except ValueError as e:
+        raise UserError(f"{path} cannot be read without pickle ({e}); save ids as str.") from None
+    except (OSError, KeyError) as e:
+        raise UserError(f"{path} is not a readable .npz file ({e}).") from None
+    return ids, values
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable .npy array ({e}).") from None
+
+
+def _read_probs(path: Path, n_labels: int) -> tuple[_Table, _Table | None]:
+    """PROBS as a table, plus the labels stored beside them in a dev_probs.npz (if any)."""
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise UserError(f"--probs file not found: {path}")
+    labels = None
+    if suffix == ".npz":
+        ids, probs = _load_npz(path, "probs")
+        if probs is None:
+            raise UserError(f"--probs {path} has no 'probs' array.")
+        _, y = _load_npz(path, "labels")
+        if y is not None:
+            labels = _Table(ids, y, path)
+        table = _Table(ids, probs, path)
+    elif suffix == ".npy":
+        table = _Table(None, _load_npy(path), path)
+    elif suffix == ".csv":
+        table = _read_probs_csv(path, n_labels)
+    else:
+        raise UserError(f"--probs {path} must be a .npz, .npy or .csv file.")
+    _check_probs(table, n_labels)
+    return table, labels
+
+
+def _read_probs_csv(path: Path, n_labels: int) -> _Table:
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, dtype={"Id": str}, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        raise UserError(f"--probs {path} is not a readable CSV ({e}).") from None
+    if "Id" not in df.columns or len(df.columns) != n_labels + 1:
+        raise UserError(
+            f"--probs {path} needs a header 'Id' plus {n_labels} probability columns, "
+            f"got {len(df.columns)} columns."
+        )
+    cols = [c for c in df.columns if c != "Id"]
+    # columns named 0..L-1 (in any order) are put in label order; other names are taken in order
+    if all(str(c).strip().isdigit() for c in cols):
+        idx = [int(c) for c in cols]
+        if sorted(idx) != list(range(n_labels)):
+            raise UserError(f"--probs {path} numbered columns must be 0..{n_labels - 1}.")
+        cols = [cols[idx.index(i)] for i in range(n_labels)]
+    values = df[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.argwhere(np.isnan(values))
+    if len(bad):
+        r, c = bad[0]
+        raise UserError(
+            f"--probs {path} row {r + 2} (Id {df['Id'].iloc[r]}) column {cols[c]!r} "
+            f"is not a number."
+        )
+    return _Table([str(i) for i in df["Id"]], values, path)
+
+
+def _check_probs(table: _Table, n_labels: int) -> None:
+    p, path = table.values, table.path
+    if p.ndim != 2 or p.shape[1] != n_labels or p.shape[0] == 0:
+        raise UserError(f"--probs {path} must hold an [N, {n_labels}] array, got {p.shape}.")
+    if not np.issubdtype(p.dtype, np.floating):
+        raise UserError(f"--probs {path} must hold floating-point probabilities, got {p.dtype}.")
+    if table.ids is not None and len(table.ids) != p.shape[0]:
+        raise UserError(f"--probs {path} has {len(table.ids)} ids for {p.shape[0]} rows.")
+    bad = np.argwhere(~((p >= 0) & (p <= 1)))
+    if len(bad):
+        r, c = bad[0]
+        where = f"row {r}" + (f" (Id {table.ids[r]})" if table.ids is not None else "")
+        raise UserError(
+            f"--probs {path} {where} label {c} holds {p[r, c]!r}, not a probability in [0, 1]."
+        )
+    if table.ids is not None:
+        seen: dict[str, int] = {}
+        for i, name in enumerate(table.ids):
+            if name in seen:
+                raise UserError(f"--probs {path} lists Id {name} twice (rows {seen[name]}, {i}).")
+            seen[name] = i
+
+
+def _read_targets_csv(path: str | os.PathLike, n_labels: int = NUM_LABELS):
+    """A Kaggle train.csv (``Id,Target``, Target = space-separated label indices) as
+    (ids: list[str], multi-hot uint8 [N, n_labels]); UserError naming the row on a bad line.
+
+    A minimal local parser; an empty Target means a sample with no labels.
+    """
+    import csv
+
+    path = Path(path)
+    ids: list[str] = []
+    rows: list[list[int]] = []
+    seen: dict[str, int] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:2]] != ["Id", "Target"]:
+                raise UserError(f"{path} must start with the header 'Id,Target'.")
+            for line_no, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) < 2 or not row[0].strip():
+                    raise UserError(f"{path} row {line_no} needs an Id and a Target.")
+                sample_id = row[0].strip()
+                if sample_id in seen:
+                    raise UserError(
+                        f"{path} row {line_no} repeats Id {sample_id} (first on row "
+                        f"{seen[sample_id]})."
+                    )
+                try:
+                    targets = [int(t) for t in row[1].split()]
+                except ValueError:
+                    raise UserError(
+                        f"{path} row {line_no} Target {row[1]!r} is not space-separated "
+                        f"label indices."
+                    ) from None
+                if any(not 0 <= t < n_labels for t in targets):
+                    raise UserError(
+                        f"{path} row {line_no} Target {row[1]!r} has a label outside "
+                        f"0..{n_labels - 1}."
+                    )
+                seen[sample_id] = line_no
+                ids.append(sample_id)
+                rows.append(targets)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a UTF-8 text file.") from None
+    multi_hot = np.zeros((len(rows), n_labels), dtype=np.uint8)
+    for i, targets in enumerate(rows):
+        multi_hot[i, targets] = 1
+    return ids, multi_hot
+
+
+def _read_labels(path: Path, n_labels: int) -> _Table:
+    if not path.is_file():
+        raise UserError(f"--labels file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        ids, y = _read_targets_csv(path, n_labels)
+        return _Table(ids, y, path)
+    if suffix == ".npz":
+        ids, y = _load_npz(path, "labels")
+        if y is None:
+            raise UserError(f"--labels {path} has no 'labels' array.")
+    elif suffix == ".npy":
+        ids, y = None, _load_npy(path)
+    else:
+        raise UserError(f"--labels {path} must be a train.csv-style .csv, a .npy or a .npz file.")
+    if y.ndim != 2 or y.shape[1] != n_labels:
+        raise UserError(f"--labels {path} must hold an [N, {n_labels}] array, got {y.shape}.")
+    if y.dtype.kind not in "biuf" or not np.isin(y, (0, 1)).all():
+        raise UserError(f"--labels {path} must be multi-hot: every entry 0 or 1.")
+    return _Table(ids, y.astype(np.uint8), path)
+
+
+def _align(probs: _Table, labels: _Table) -> np.ndarray:
+    """Labels in the row order of the probabilities: by Id when the probs have Ids and the labels
+    are a train.csv (which may list more samples); else by row, requiring equal lengths."""
+    if probs.ids is not None and labels.ids is not None:
+        index = {name: i for i, name in enumerate(labels.ids)}
+        missing = [name for name in probs.ids if name not in index]
+        if missing:
+            raise UserError(
+                f"--labels {labels.path} lacks {len(missing)} Id(s) of --probs {probs.path}, "
+                f"e.g. {missing[0]}."
+            )
+        return labels.values[[index[name] for name in probs.ids]]
+    if labels.ids is not None and probs.ids is None:
+        raise UserError(
+            f"--probs {probs.path} has no Ids to match --labels {labels.path} by; give the "
+            f"probabilities as a dev_probs.npz or an Id CSV, or the labels as a .npy."
+        )
+    if labels.values.shape[0] != probs.values.shape[0]:
+        raise UserError(
+            f"--labels {labels.path} has {labels.values.shape[0]} rows but --probs "
+            f"{probs.path} has {probs.values.shape[0]}."
+        )
+    return labels.values
+
+
+def _read_prevalence(spec: str, n_labels: int) -> Any:
+    if spec in ("fit", "kaggle"):
+        return spec
+    ids, y = _read_targets_csv(spec, n_labels)
+    if not ids:
+        raise UserError(f"--prevalence {spec} lists no samples.")
+    return y.mean(0, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``fasthpa thresholds``."""
+    parser.add_argument(
+        "--probs",
+        required=True,
+        type=Path,
+        help="dev probabilities: a run's dev_probs.npz (ids, probs, labels), an [N, 28] .npy, "
+        "or a CSV with an Id column and 28 probability columns",
+    )
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="true labels: a train.csv-style Id,Target file (matched by Id) or an [N, 28] "
+        "multi-hot .npy/.npz (matched by row); may be left out when --probs is a dev_probs.npz "
+        "with labels",
+    )
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="exact",
+        help="exact F1 search, a 0.01 grid, or the prevalence rule",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="thresholds.json to write")
+    parser.add_argument(
+        "--rare-below",
+        type=int,
+        default=0,
+        metavar="K",
+        help="labels with fewer than K positives (but some) get --rare-rule instead of the "
+        "tuned threshold; 0 turns this off",
+    )
+    parser.add_argument(
+        "--rare-rule",
+        choices=RARE_RULES,
+        default="shrink",
+        help="for rare labels: shrink the tuned threshold toward 0.5, or use the prevalence rule",
+    )
+    parser.add_argument(
+        "--shrink",
+        type=float,
+        default=0.5,
+        help="fraction of the way a rare label's threshold moves toward 0.5",
+    )
+    parser.add_argument(
+        "--prevalence",
+        default="fit",
+        metavar="fit|kaggle|TRAIN_CSV",
+        help="label frequencies for the prevalence rule: those of the fitting labels, of the "
+        "Kaggle train.csv, or of a train.csv-style file",
+    )
+    parser.add_argument(
+        "--default",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="threshold kept for labels without positives (exact and grid)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="torch device for the search (cpu, cuda, cuda:1)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fasthpa thresholds``: read, fit, print the per-label table, write thresholds.json."""
+    import torch
+
+    if args.rare_below < 0:
+        raise UserError(f"--rare-below must be >= 0, got {args.rare_below}.")
+    if not 0.0 <= args.shrink <= 1.0:
+        raise UserError(f"--shrink must lie in [0, 1], got {args.shrink}.")
+    if not 0.0 <= args.default <= 1.0:
+        raise UserError(f"--default must lie in [0, 1], got {args.default}.")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r} is not a torch device.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} asked for, but no CUDA GPU is available.")
+
+    probs, npz_labels = _read_probs(args.probs, NUM_LABELS)
+    if args.labels is not None:
+        labels = _read_labels(args.labels, NUM_LABELS)
+    elif npz_labels is not None:
+        labels = npz_labels
+        if labels.values.shape != probs.values.shape:
+            raise UserError(
+                f"--probs {args.probs} holds labels of shape {labels.values.shape} for probs of "
+                f"shape {probs.values.shape}."
+            )
+        if not np.isin(labels.values, (0, 1)).all():
+            raise UserError(f"--probs {args.probs} 'labels' must be multi-hot: every entry 0 or 1.")
+    else:
+        raise UserError(f"--labels is needed: --probs {args.probs} holds no labels.")
+    y = _align(probs, labels)
+    prevalence = _read_prevalence(args.prevalence, NUM_LABELS)
+
+    p_t = torch.as_tensor(probs.values).to(device)
+    y_t = torch.as_tensor(y.astype(np.bool_)).to(device)
+    result = fit_thresholds(
+        p_t,
+        y_t,
+        args.method,
+        rare_below=args.rare_below,
+        rare_rule=args.rare_rule,
+        shrink=args.shrink,
+        prevalence=prevalence,
+        default=args.default,
+    )
+    result.options["prevalence"] = args.prevalence
+    write_thresholds_json(
+        args.out,
+        result,
+        {"probs": str(args.probs), "labels": str(args.labels or args.probs)},
+    )
+    print_result(result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def print_result(result: ThresholdResult) -> None:
+    """A rich table: label, positives, threshold, F1 at 0.5, tuned F1, gain; then macro F1s."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"per-label thresholds ({result.method}, N = {result.n_samples})")
+    for name, justify in (
+        ("#", "right"),
+        ("label", "left"),
+        ("positives", "right"),
+        ("threshold", "right"),
+        ("F1 @ 0.5", "right"),
+        ("F1 tuned", "right"),
+        ("gain", "right"),
+        ("note", "left"),
+    ):
+        table.add_column(name, justify=justify)
+    for i, name in enumerate(result.label_names):
+        gain = result.gain[i]
+        colour = "green" if gain > 0 else "red" if gain < 0 else "dim"
+        table.add_row(
+            str(i),
+            name,
+            str(result.positives[i]),
+            f"{result.thresholds[i]:.4f}",
+            f"{result.f1_at_05[i]:.4f}",
+            f"{result.f1_tuned[i]:.4f}",
+            f"[{colour}]{gain:+.4f}[/]",
+            result.notes.get(i, ""),
+        )
+    macro_gain = result.macro_f1_tuned - result.macro_f1_at_05
+    table.add_section()
+    table.add_row(
+        "",
+        "macro F1",
+        str(int(result.positives.sum())),
+        "",
+        f"{result.macro_f1_at_05:.4f}",
+        f"{result.macro_f1_tuned:.4f}",
+        f"{macro_gain:+.4f}",
+        "",
+    )
+    Console().print(table)
