@@ -72,9 +72,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         raise UserError(f"{path}: checkpoint not found.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, ...
+    except Exception as e:  # truncated zip, bad pickle, a type weights_only refuses, ...
+        first = (str(e).strip().splitlines() or [""])[0][:160]
         raise UserError(
-            f"{path}: checkpoint is damaged and was not loaded ({type(e).__name__})."
+            f"{path}: checkpoint is damaged and was not loaded ({type(e).__name__}: {first})."
         ) from None
     if not isinstance(state, dict) or INTEGRITY_KEY not in state:
         raise UserError(f"{path}: not a fasthpa checkpoint (no integrity digest).")

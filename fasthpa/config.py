@@ -33,7 +33,9 @@ def _f(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    data: str = _f("", "dataset root in the Kaggle layout (train.csv + train/)", required=True)
+    data: str = _f(
+        "", "dataset root in the Kaggle layout (train.csv + train/); required unless resuming"
+    )
     packed: str | None = _f(
         None, "a folder from `fasthpa pack` (RGBA PNGs or the npy cache) to read pixels from"
     )
