@@ -338,7 +338,7 @@ def _run_fetch(archs: list[str], progress: bool) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
-    console.print(f"cache: {cache_dir()}")
+    console.print(f"cache: {cache_dir()}", soft_wrap=True)
     for arch in archs:
         status = cache_status(arch)
         if status["present"] and status["hash_ok"]:
@@ -355,8 +355,7 @@ def _run_list(archs: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    # the expected path of each file is the title's folder joined with its `file`
-    table = Table(title=f"ImageNet checkpoints expected in {cache_dir()}")
+    table = Table()
     for column in ("arch", "file", "cached", "MB (expected)", "sha256"):
         table.add_column(column, no_wrap=True)
     for arch in archs:
@@ -375,6 +374,8 @@ def _run_list(archs: list[str]) -> int:
             size, check, present = f"({expected})", "-", "[yellow]no[/]"
         table.add_row(arch, row["file"], present, size, check)
     console = Console()
+    # the expected path of each file is this folder joined with its `file`
+    console.print(f"ImageNet checkpoints expected in {cache_dir()}", soft_wrap=True)
     console.print(table)
     console.print(
         "missing files: `fasthpa weights fetch --arch ARCH` on a machine with network, then "
