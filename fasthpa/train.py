@@ -57,7 +57,7 @@ from fasthpa.distributed import (
 )
 from fasthpa.errors import UserError, exit_on_user_error
 from fasthpa.io import atomic_write_json, atomic_write_text
-from fasthpa.labels import LABEL_NAMES, NUM_LABELS
+from fasthpa.labels import NUM_LABELS
 
 # Fault injection for the tests (read once; never set in normal use).
 _INJECT_NAN_AT_STEP = int(os.environ.get("FASTHPA_INJECT_NAN_AT_STEP", "-1"))
@@ -86,10 +86,17 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """Give the previous handlers back (train() may run inside a larger program)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         self.signal = signum
@@ -403,13 +410,16 @@ def train(
     cfg: TrainConfig, args: argparse.Namespace | None = None, parser_defaults: dict | None = None
 ) -> int:
     info = init_distributed(cfg.speed.device)
+    stop = StopFlag()
+    stop.install()
     try:
-        return _train(cfg, info, args, parser_defaults or {})
+        return _train(cfg, info, stop, args, parser_defaults or {})
     finally:
+        stop.restore()
         cleanup(info)
 
 
-def _train(cfg: TrainConfig, info: DistInfo, args, parser_defaults) -> int:
+def _train(cfg: TrainConfig, info: DistInfo, stop: StopFlag, args, parser_defaults) -> int:
     from fasthpa.data.loader import AugmentConfig, build_loader
     from fasthpa.envinfo import environment
     from fasthpa.model import build_model, default_pretrained, set_frozen_bn_eval
@@ -421,8 +431,6 @@ def _train(cfg: TrainConfig, info: DistInfo, args, parser_defaults) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier(info)
 
-    stop = StopFlag()
-    stop.install()
     seed_everything(cfg.run.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -457,8 +465,10 @@ def _train(cfg: TrainConfig, info: DistInfo, args, parser_defaults) -> int:
 
     # ---- model: built and (if asked) pretrained-loaded on every rank from the same file
     pretrained = cfg.model.pretrained
-    if pretrained == "auto":
-        pretrained = default_pretrained(cfg.model.arch)
+    if pretrained == "auto":  # decided once, on rank 0: nodes may not share a cache
+        pretrained = broadcast_object(
+            default_pretrained(cfg.model.arch) if info.is_main else None, info
+        )
     model, model_info = build_model(
         cfg.model.arch,
         num_classes=NUM_LABELS,
@@ -599,7 +609,7 @@ def _train(cfg: TrainConfig, info: DistInfo, args, parser_defaults) -> int:
             batch_in_epoch += 1
         skip_batches = 0
         progress.start_epoch(epoch, steps_per_epoch, done=batch_in_epoch // accum)
-        t_log, data_wait, steps_since_log = time.perf_counter(), 0.0, 0
+        t_log, data_wait, steps_since_log, last_logged = time.perf_counter(), 0.0, 0, step
         epoch_loss_sum = torch.zeros((), device=device)
         epoch_steps = 0
         while batch_in_epoch // accum < steps_per_epoch and step < total_steps:
@@ -620,7 +630,7 @@ def _train(cfg: TrainConfig, info: DistInfo, args, parser_defaults) -> int:
                 micro,
                 autocast,
                 ddp_no_sync,
-                inject_nan=step == _INJECT_NAN_AT_STEP,
+                inject_nan=step + 1 == _INJECT_NAN_AT_STEP,
             )
             loss_buf[step % log_every] = loss
             epoch_loss_sum += loss
@@ -631,15 +641,19 @@ def _train(cfg: TrainConfig, info: DistInfo, args, parser_defaults) -> int:
             if step == _SIGTERM_AT_STEP:
                 os.kill(os.getpid(), signal.SIGTERM)
             last_step = batch_in_epoch // accum >= steps_per_epoch or step >= total_steps
-            if step % log_every == 0 or last_step or (stop.set and not info.enabled):
-                # the only host syncs of the training loop
-                losses = loss_buf[: (step - 1) % log_every + 1].clone()
+            ckpt_due = bool(cfg.run.checkpoint_every) and step % cfg.run.checkpoint_every == 0
+            if step % log_every == 0 or last_step or ckpt_due or (stop.set and not info.enabled):
+                # the only host syncs of the training loop; a checkpoint is written only after
+                # this check has seen every loss since the last log step
+                slots = [(s - 1) % log_every for s in range(last_logged + 1, step + 1)]
+                losses = loss_buf[torch.tensor(slots, device=device)]
+                last_logged = step
                 all_reduce_sum(losses, info)
                 losses = (losses / info.world_size).cpu()
                 flags = all_reduce_sum(torch.tensor([float(stop.set)], device=device), info)
                 bad = (~torch.isfinite(losses)).nonzero()
                 if len(bad):
-                    bad_step = step - len(losses) + int(bad[0]) + 1
+                    bad_step = step - len(losses) + int(bad[0]) + 1  # 1-based step number
                     progress.close()
                     raise UserError(
                         f"non-finite loss ({float(losses[int(bad[0])])}) at step {bad_step} "
@@ -663,7 +677,7 @@ def _train(cfg: TrainConfig, info: DistInfo, args, parser_defaults) -> int:
                 t_log, data_wait, steps_since_log = now, 0.0, 0
                 if float(flags[0]) > 0:
                     stopped = True
-            if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and not last_step:
+            if ckpt_due and not last_step:
                 _save_last(run_dir, checkpoint_state(epoch, batch_in_epoch), info)
             if stopped:
                 break
