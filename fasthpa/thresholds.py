@@ -116,6 +116,15 @@ class ThresholdResult:
 # ---------------------------------------------------------------------------------------------
 
 
+def _from_numpy(array: Any) -> torch.Tensor:
+    import torch
+
+    array = np.asarray(array)
+    if not array.flags.writeable:  # torch warns on read-only memory (np.load mmap, pandas)
+        array = array.copy()
+    return torch.as_tensor(array)
+
+
 def _as_tensors(probs: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities as a float32/float64 tensor and labels as a bool tensor on the same device.
 
@@ -124,12 +133,12 @@ def _as_tensors(probs: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """
     import torch
 
-    p = probs if isinstance(probs, torch.Tensor) else torch.as_tensor(np.asarray(probs))
+    p = probs if isinstance(probs, torch.Tensor) else _from_numpy(probs)
     if not (p.is_floating_point()):
         raise ValueError(f"probabilities must be floating point, got {p.dtype}")
     if p.dtype != torch.float64:
         p = p.to(torch.float32)
-    y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    y = labels if isinstance(labels, torch.Tensor) else _from_numpy(labels)
     y = y.to(p.device)
     if p.ndim != 2 or y.shape != p.shape:
         raise ValueError(
@@ -415,10 +424,11 @@ def fit_thresholds(
         rare = [i for i in range(n_labels) if 0 < pos_np[i] < rare_below]
         if rare and rare_rule == "shrink":
             for i in rare:
-                thr_np[i] = (1.0 - shrink) * thr_np[i] + shrink * DEFAULT_THRESHOLD
+                tuned = thr_np[i]
+                thr_np[i] = (1.0 - shrink) * tuned + shrink * DEFAULT_THRESHOLD
                 notes[i] = (
-                    f"{pos_np[i]} positives (< {rare_below}): tuned threshold moved {shrink:g} "
-                    f"of the way to {DEFAULT_THRESHOLD:g}"
+                    f"{_positives(pos_np[i])}, fewer than {rare_below}: tuned threshold "
+                    f"{tuned:.4f} shrunk toward {DEFAULT_THRESHOLD:g} (weight {shrink:g})"
                 )
         elif rare:
             rates = _prevalence_rates(prevalence, y)
@@ -427,8 +437,8 @@ def fit_thresholds(
             for i in rare:
                 thr_np[i] = prev_np[i]
                 notes[i] = (
-                    f"{pos_np[i]} positives (< {rare_below}): prevalence rule, top {k_np[i]} "
-                    f"of {n} scores positive"
+                    f"{_positives(pos_np[i])}, fewer than {rare_below}: prevalence rule, "
+                    f"top {k_np[i]} of {n} scores positive"
                 )
         for i in np.flatnonzero(pos_np == 0):
             thr_np[i] = default
@@ -458,6 +468,10 @@ def fit_thresholds(
             "probs_dtype": str(p.dtype).removeprefix("torch."),
         },
     )
+
+
+def _positives(count: int) -> str:
+    return f"only {count} positive" + ("" if count == 1 else "s")
 
 
 def _default_names(n_labels: int) -> tuple[str, ...]:
@@ -829,8 +843,8 @@ def run(args: argparse.Namespace) -> int:
     y = _align(probs, labels)
     prevalence = _read_prevalence(args.prevalence, NUM_LABELS)
 
-    p_t = torch.as_tensor(probs.values).to(device)
-    y_t = torch.as_tensor(y.astype(np.bool_)).to(device)
+    p_t = _from_numpy(probs.values).to(device)
+    y_t = _from_numpy(y.astype(np.bool_)).to(device)
     result = fit_thresholds(
         p_t,
         y_t,
@@ -853,36 +867,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_result(result: ThresholdResult) -> None:
-    """A rich table: label, positives, threshold, F1 at 0.5, tuned F1, gain; then macro F1s."""
+    """A rich table: label, positives, threshold, F1 at 0.5, tuned F1, gain; then macro F1s and
+    the per-label notes (marked * in the table)."""
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log file: no reason to squeeze into 80 columns
+        console = Console(width=120)
     table = Table(title=f"per-label thresholds ({result.method}, N = {result.n_samples})")
-    for name, justify in (
-        ("#", "right"),
-        ("label", "left"),
-        ("positives", "right"),
-        ("threshold", "right"),
-        ("F1 @ 0.5", "right"),
-        ("F1 tuned", "right"),
-        ("gain", "right"),
-        ("note", "left"),
-    ):
-        table.add_column(name, justify=justify)
+    table.add_column("#", justify="right")
+    table.add_column("label", no_wrap=True, overflow="ellipsis", min_width=12)
+    for name in ("positives", "threshold", "F1 @ 0.5", "F1 tuned", "gain"):
+        table.add_column(name, justify="right", no_wrap=True)
     for i, name in enumerate(result.label_names):
         gain = result.gain[i]
         colour = "green" if gain > 0 else "red" if gain < 0 else "dim"
         table.add_row(
             str(i),
-            name,
+            name + (" *" if i in result.notes else ""),
             str(result.positives[i]),
             f"{result.thresholds[i]:.4f}",
             f"{result.f1_at_05[i]:.4f}",
             f"{result.f1_tuned[i]:.4f}",
             f"[{colour}]{gain:+.4f}[/]",
-            result.notes.get(i, ""),
         )
-    macro_gain = result.macro_f1_tuned - result.macro_f1_at_05
     table.add_section()
     table.add_row(
         "",
@@ -891,7 +900,8 @@ def print_result(result: ThresholdResult) -> None:
         "",
         f"{result.macro_f1_at_05:.4f}",
         f"{result.macro_f1_tuned:.4f}",
-        f"{macro_gain:+.4f}",
-        "",
+        f"{result.macro_f1_tuned - result.macro_f1_at_05:+.4f}",
     )
-    Console().print(table)
+    console.print(table)
+    for i, note in sorted(result.notes.items()):
+        console.print(f"* {i} {result.label_names[i]}: {note}", highlight=False)
