@@ -355,7 +355,7 @@ class _Scene:
 
 
 def _place_centres(size: int, rbar: float, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to ``k`` centres grown as a colony: each new cell sits beside an earlier one.
+    """Up to ``k`` (at least 2) centres grown as a colony: each new cell beside an earlier one.
 
     Neighbours closer than two radii share a membrane (cell junctions, bridges); none are
     closer than 1.4 radii, so every cell keeps most of its shape.
@@ -372,6 +372,10 @@ def _place_centres(size: int, rbar: float, k: int, rng: np.random.Generator) -> 
             continue
         if all((x - c) ** 2 + (y - d) ** 2 >= (1.4 * rbar) ** 2 for c, d in pts):
             pts.append((x, y))
+    if len(pts) == 1:  # bridges and junctions need a neighbour: put one towards the centre
+        a, b = pts[0]
+        ang = np.arctan2(size / 2 - b, size / 2 - a) if (a, b) != (size / 2, size / 2) else 0.0
+        pts.append((a + 1.6 * rbar * np.cos(ang), b + 1.6 * rbar * np.sin(ang)))
     return np.asarray(pts, dtype=np.float64)
 
 
@@ -405,7 +409,12 @@ def _make_scene(size: int, rng: np.random.Generator, mitotic: bool) -> _Scene:
     cell_id = np.argmin(rho_all, axis=0)
     rho = np.take_along_axis(rho_all, cell_id[None], 0)[0]
     theta = np.take_along_axis(th, cell_id[None], 0)[0]
-    rho2 = np.partition(rho_all, 1, axis=0)[1] if k > 1 else np.full_like(rho, np.inf, dtype=_F)
+    # second-smallest over K cells: a running pair of minima beats np.partition along axis 0
+    first = np.full_like(rho, np.inf)
+    rho2 = np.full_like(rho, np.inf)
+    for layer in rho_all:
+        rho2 = np.minimum(rho2, np.maximum(first, layer))
+        first = np.minimum(first, layer)
 
     # 2. the nucleus of the owning cell
     off = r * rng.uniform(0, 0.15, k).astype(_F)
@@ -599,8 +608,8 @@ def _m_er(sc, rng, ctx):
 
 
 def _m_golgi(sc, rng, ctx):
-    d = np.angle(np.exp(1j * (sc.alpha - sc.g("mtoc_dir"))))  # wrapped angle difference
-    region = np.exp(-0.5 * ((sc.nu - 1.3) / 0.22) ** 2) * np.exp(2.5 * (np.cos(d) - 1.0))
+    facing = np.cos(sc.alpha - sc.g("mtoc_dir"))  # 1 on the MTOC side of the nucleus
+    region = np.exp(-0.5 * ((sc.nu - 1.3) / 0.22) ** 2) * np.exp(2.5 * (facing - 1.0))
     (b,) = _noise(rng, sc.size, [(max(3.0, 0.12 * float(sc.r.mean())), True)])
     return region * sc.cyto_soft * np.clip(0.45 + 0.4 * b, 0.0, 1.0) * 1.6
 
@@ -830,7 +839,7 @@ def render_sample(labels: Sequence[int], size: int, rng: np.random.Generator) ->
     ctx["er"] = _er(sc, rng)
     if sc.mitotic >= 0:
         ctx["spindle"] = _spindle(sc, rng)
-    if bridge and sc.n_cells > 1:
+    if bridge:
         ctx["bridge"] = _bridge(sc, rng)
 
     # red: microtubules, dimmer over the nucleus; spindle and bridge where there are some
@@ -848,11 +857,9 @@ def render_sample(labels: Sequence[int], size: int, rng: np.random.Generator) ->
     # green: faint non-specific haze, plus each label's motif at its own strength
     green = (0.04 + 0.03 * sc.tex) * sc.cell_soft
     for lab in labels:
-        if lab == 16 and "bridge" not in ctx:
-            continue  # a single cell in view cannot show a bridge
         green = green + rng.uniform(0.55, 1.0) * _MOTIFS[lab](sc, rng, ctx)
     expr = sc.g("expr")
-    if 16 in has and "bridge" in ctx:
+    if 16 in has:
         expr = np.maximum(expr, ctx["bridge"][0])  # the bridge lies across two cells' borders
     green = green * expr
 
