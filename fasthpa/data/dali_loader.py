@@ -15,7 +15,9 @@ Order and randomness are ours, not DALI's: an ``external_source`` is fed, batch 
 the rows of :func:`fasthpa.data.sharding.epoch_plan` (their file bytes, the row index and the
 augmentation draws of :func:`fasthpa.data.sharding.augment_draws`), so the global reshuffle per
 epoch, equal batch counts per rank, exactly-once evaluation (padding has index -1) and
-replayable augmentation are the same as in the PyTorch twin, sample for sample. Multi-hot labels
+replayable augmentation are the same as in the PyTorch twin, sample for sample. The feeder reads
+the files on a thread pool (``workers`` threads, shared with nothing else), one batch ahead of the
+batch DALI is decoding. Multi-hot labels
 do not travel through DALI: the row index does, and labels are looked up on the device.
 The cache is read by ``fn.readers.numpy`` over this rank's file list for the epoch (the pipeline
 is rebuilt per epoch, since a reader's file list is fixed at build time; the index and the draws
@@ -42,7 +44,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -98,36 +100,49 @@ class _Feeder:
         self.spec = spec
         self.pool = pool
         self.read_files = read_files
+        self.packed = spec.source.kind == "packed"
+        self.per_sample = 1 if self.packed else spec.channels
         self.epoch = 0
         self.plan: np.ndarray | None = None
         self.step = 0
+        self.reads: dict[int, list[Future]] = {}
 
     def __iter__(self) -> _Feeder:
-        self.plan = None
-        self.step = 0
+        for futures in self.reads.values():
+            for f in futures:
+                f.cancel()
+        self.plan, self.step, self.reads = None, 0, {}
         return self
+
+    def _submit(self, step: int) -> None:
+        """Start reading batch ``step``'s files on the thread pool (if it exists, once)."""
+        if step in self.reads or step >= len(self.plan):
+            return
+        spec = self.spec
+        self.reads[step] = [
+            self.pool.submit(read_encoded, path, self.packed)
+            for r in self.plan[step]
+            for path in spec.source.sample_paths(
+                int(r) if r >= 0 else spec.pad_row, self.per_sample
+            )
+        ]
 
     def __next__(self) -> tuple[list[np.ndarray], ...]:
         if self.plan is None:
             self.plan = self.spec.plan(self.epoch)
-        if self.step >= len(self.plan):
+        step = self.step
+        if step >= len(self.plan):
             raise StopIteration
-        spec, rows = self.spec, self.plan[self.step]
-        draws = spec.draws(self.epoch, self.step).as_array()
         self.step += 1
         out: list[list[np.ndarray]] = []
         if self.read_files:
-            packed = spec.source.kind == "packed"
-            per_file = 1 if packed else spec.channels
-            paths = [
-                p
-                for r in rows
-                for p in spec.source.sample_paths(int(r) if r >= 0 else spec.pad_row, per_file)
-            ]
-            encoded = list(self.pool.map(lambda p: read_encoded(p, packed), paths))
-            out += [encoded[c::per_file] for c in range(per_file)]
-        out.append(list(draws))
-        out.append([np.array([r], dtype=np.int64) for r in rows])
+            self._submit(step)
+            # the next batch's files are read while DALI decodes this one
+            self._submit(step + 1)
+            encoded = [f.result() for f in self.reads.pop(step)]
+            out += [encoded[c :: self.per_sample] for c in range(self.per_sample)]
+        out.append(list(self.spec.draws(self.epoch, step).as_array()))
+        out.append([np.array([r], dtype=np.int64) for r in self.plan[step]])
         return tuple(out)
 
 
