@@ -540,3 +540,29 @@ def test_cuda_matches_cpu(method):
     gpu = fit_thresholds(torch.from_numpy(p).cuda(), torch.from_numpy(y).cuda(), method)
     np.testing.assert_array_equal(cpu.thresholds, gpu.thresholds)
     np.testing.assert_array_equal(cpu.f1_tuned, gpu.f1_tuned)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_torch_sort_path_matches_numpy_sort_path(monkeypatch, dtype):
+    """The GPU's sort (torch.sort) run on the CPU gives the same thresholds as the CPU's."""
+    import fasthpa.thresholds as thresholds
+
+    p, y = make_case(12, 150, 0.02, dtype)
+    pt, yt = thresholds._as_tensors(p, y)
+    vals_np, ys_np = thresholds._sort_desc(pt, yt, backend="numpy")
+    vals_t, ys_t = thresholds._sort_desc(pt, yt, backend="torch")
+    torch.testing.assert_close(vals_np, vals_t, rtol=0, atol=0)
+    # within a tie group the label order may differ; the counts at each group's end may not
+    group_end = torch.ones_like(ys_np)
+    group_end[:, :-1] = vals_np[:, :-1] != vals_np[:, 1:]
+    tp_np, tp_t = ys_np.long().cumsum(1), ys_t.long().cumsum(1)
+    assert torch.equal(tp_np[group_end], tp_t[group_end])
+
+    expected = {m: fit_thresholds(p, y, m) for m in ("exact", "prevalence")}
+    original = thresholds._sort_desc
+    monkeypatch.setattr(
+        thresholds, "_sort_desc", lambda p, y, backend=None: original(p, y, backend="torch")
+    )
+    for method, ref in expected.items():
+        got = fit_thresholds(p, y, method)
+        np.testing.assert_array_equal(got.thresholds, ref.thresholds)
