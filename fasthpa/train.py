@@ -495,6 +495,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopFlag, args, parser_defaul
 
     # ---- resume: the raw (unwrapped, uncompiled) model's state
     start_epoch, step, skip_batches, best_f1 = 0, 0, 0, -1.0
+    resume_rng = None
     history = History(run_dir / "history.jsonl" if info.is_main else None)
     if resuming:
         found = load_latest(run_dir) if info.is_main else None
@@ -509,7 +510,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopFlag, args, parser_defaul
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        resume_rng = state["rng"]
         start_epoch, step = state["epoch"], state["step"]
         skip_batches, best_f1 = state["batch_in_epoch"], state["best_f1"]
         history.truncate_after(step)
@@ -608,6 +609,10 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopFlag, args, parser_defaul
             next(it)
             batch_in_epoch += 1
         skip_batches = 0
+        if resume_rng is not None:
+            # restored only now: creating the iterator may draw from the global generator
+            set_rng_state(resume_rng)
+            resume_rng = None
         progress.start_epoch(epoch, steps_per_epoch, done=batch_in_epoch // accum)
         t_log, data_wait, steps_since_log, last_logged = time.perf_counter(), 0.0, 0, step
         epoch_loss_sum = torch.zeros((), device=device)

@@ -1,0 +1,230 @@
+"""The trainer end to end on CPU: artefacts, resume, damage detection, NaN stop, DDP, compile.
+
+Runs are tiny (32 px synthetic images, tens of samples) and mostly in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fasthpa.train as train_mod
+from fasthpa.checkpoint import load_checkpoint, load_latest
+from fasthpa.data.synth import generate
+from fasthpa.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, n=96, size=32, test_n=0, seed=0, workers=1)
+    return root
+
+
+def tiny_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--data", str(root), "--out", str(out), "--image-size", "32", "--batch-size", "8",
+        "--workers", "0", "--loader", "torch", "--no-progress", "--pretrained", "none",
+        "--split", "0.75,0.125,0.125", "--log-every", "2", "--seed", "1", *extra,
+    ]  # fmt: skip
+
+
+def run_main(argv: list[str]) -> int:
+    """fasthpa.train.main in-process; a UserError surfaces as SystemExit(2)."""
+    try:
+        return train_mod.main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def test_short_run_writes_every_artefact_and_loss_falls(synth_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_main(tiny_args(synth_root, run, "--epochs", "4", "--lr", "2e-3")) == 0
+    out = capsys.readouterr().out
+    assert "done: best dev macro F1" in out
+    for name in ("config.json", "env.json", "split.csv", "channel_stats.json", "history.jsonl",
+                 "last.pt", "best.pt", "thresholds.json", "dev_probs.npz", "final_metrics.json"):  # fmt: skip
+        assert (run / name).is_file(), name
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["arch"] == "resnet18" and cfg["optim"]["lr"] == 2e-3
+    env = json.loads((run / "env.json").read_text())
+    assert env["world_size"] == 1 and env["loader"] == "torch" and env["torch"] == torch.__version__
+    rows = history(run)
+    steps = [r for r in rows if r["kind"] == "step"]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert len(epochs) == 4 and all(r["images_per_sec"] > 0 for r in steps)
+    assert all(0 <= r["data_wait_share"] <= 1 for r in steps)
+    # the loss falls: every epoch's mean training loss is below the previous one's
+    losses = [r["train_loss"] for r in epochs]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    th = json.loads((run / "thresholds.json").read_text())
+    for key in ("method", "label_names", "thresholds", "f1_at_0.5", "f1_tuned", "macro_f1_at_0.5",
+                "macro_f1_tuned", "positives"):  # fmt: skip
+        assert key in th
+    assert len(th["thresholds"]) == 28 and th["macro_f1_tuned"] >= th["macro_f1_at_0.5"]
+    split = dict(line.split(",") for line in (run / "split.csv").read_text().split()[1:])
+    dev = np.load(run / "dev_probs.npz")
+    dev_ids = [i for i, s in split.items() if s == "dev"]
+    assert sorted(dev["ids"].tolist()) == sorted(dev_ids)
+    assert dev["probs"].shape == (len(dev_ids), 28) and dev["labels"].shape == (len(dev_ids), 28)
+    assert np.all((dev["probs"] >= 0) & (dev["probs"] <= 1))
+    best = load_checkpoint(run / "best.pt")
+    assert best["best_f1"] == pytest.approx(max(r["dev_macro_f1_tuned"] for r in epochs))
+    assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in best["model"])
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["test_samples"] > 0 and 0 <= final["test_macro_f1_tuned"] <= 1
+
+
+def test_kill_and_resume_equals_uninterrupted(synth_root, tmp_path, monkeypatch, capsys):
+    args = ("--epochs", "2", "--hflip", "--vflip", "--dropout", "0.2")
+    assert run_main(tiny_args(synth_root, tmp_path / "a", *args)) == 0
+    # SIGTERM in the middle of epoch 0 (8 steps per epoch): a checkpoint, a clean exit
+    monkeypatch.setattr(train_mod, "_SIGTERM_AT_STEP", 5)
+    assert run_main(tiny_args(synth_root, tmp_path / "b", *args)) == 0
+    out = capsys.readouterr().out
+    assert "stopped by SIGTERM at epoch 0, step 5" in out
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 5
+    monkeypatch.setattr(train_mod, "_SIGTERM_AT_STEP", -1)
+    # the same command resumes by itself and finishes
+    assert run_main(tiny_args(synth_root, tmp_path / "b", *args)) == 0
+    assert "resuming" in capsys.readouterr().out
+    a, b = model_tensors(tmp_path / "a" / "last.pt"), model_tensors(tmp_path / "b" / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    steps_b = [r["step"] for r in history(tmp_path / "b") if r["kind"] == "step"]
+    assert steps_b == sorted(set(steps_b)), "history repeats steps after the resume"
+
+
+def test_damaged_last_checkpoint_is_detected_and_previous_used(synth_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_main(tiny_args(synth_root, run, "--epochs", "2")) == 0
+    last = run / "last.pt"
+    blob = bytearray(last.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # a flipped bit inside tensor data: torch.load alone loads it
+    last.write_bytes(bytes(blob))
+    with pytest.raises(UserError, match="last.pt: checkpoint is damaged"):
+        load_checkpoint(last)
+    state, path, warnings = load_latest(run)
+    assert path.name == "last.prev.pt" and state["epoch"] == 1 and warnings
+    # resuming goes on from last.prev.pt with a warning, never from the damaged file
+    assert run_main(tiny_args(synth_root, run, "--epochs", "3")) == 0
+    out = capsys.readouterr().out
+    assert "warning:" in out and "damaged" in out and "from last.prev.pt" in out
+    (run / "last.pt").write_bytes(b"junk")
+    (run / "last.prev.pt").write_bytes(b"junk")
+    assert run_main(tiny_args(synth_root, run, "--epochs", "4")) == 2
+    assert "every checkpoint is damaged" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good(
+    synth_root, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(train_mod, "_INJECT_NAN_AT_STEP", 11)  # in epoch 1 (8 steps per epoch)
+    run = tmp_path / "run"
+    assert run_main(tiny_args(synth_root, run, "--epochs", "3")) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss (nan) at step 11 (epoch 1)" in err and err.count("\n") == 1
+    epoch0 = [r for r in history(run) if r["kind"] == "epoch"]
+    assert len(epoch0) == 1 and epoch0[0]["step"] == 8
+    assert load_checkpoint(run / "last.pt")["step"] == 8  # the end of epoch 0, nothing later
+
+
+def test_pretrained_path_rgb_stem_arrives(synth_root, tmp_path):
+    import torchvision
+
+    tv = torchvision.models.resnet18(weights=None)
+    torch.save(tv.state_dict(), tmp_path / "r18.pth")
+    run = tmp_path / "run"
+    # a frozen backbone keeps the stem exactly as loaded through training
+    argv = tiny_args(synth_root, run, "--epochs", "1", "--freeze-backbone")
+    argv[argv.index("--pretrained") + 1] = str(tmp_path / "r18.pth")
+    assert run_main(argv) == 0
+    state = model_tensors(run / "last.pt")
+    stem = [k for k in state if k.endswith("conv1.weight") and state[k].shape[1] == 4][0]
+    torch.testing.assert_close(state[stem][:, :3], tv.conv1.weight.detach(), rtol=0, atol=0)
+    env = json.loads((run / "env.json").read_text())
+    assert str(tmp_path / "r18.pth") in json.dumps(env["pretrained"])
+
+
+def test_resume_errors_and_help(tmp_path, capsys):
+    assert run_main(["--resume", str(tmp_path)]) == 2
+    assert "no config.json there" in capsys.readouterr().err
+    assert run_main(["--out", str(tmp_path / "x")]) == 2
+    assert "--data is required" in capsys.readouterr().err
+    p = subprocess.run([sys.executable, "-m", "fasthpa.cli", "train", "--help"], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0
+    for flag in ("--lr-schedule", "--fold", "--pretrained", "--yellow-init", "--freeze-backbone",
+                 "--head", "--loss", "--focal-gamma", "--amp", "--no-channels-last", "--compile",
+                 "--compile-mode", "--loader", "--workers", "--resume", "--grad-accum"):  # fmt: skip
+        assert flag in p.stdout, flag
+
+
+@pytest.mark.slow
+def test_compiled_path_runs_on_cpu(synth_root, tmp_path):
+    run = tmp_path / "run"
+    argv = tiny_args(synth_root, run, "--epochs", "1", "--compile", "--max-steps", "3")
+    assert run_main(argv) == 0
+    assert json.loads((run / "env.json").read_text())["compile"] is True
+    assert load_checkpoint(run / "last.pt")["step"] == 3
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_one_process_with_accumulation(synth_root, tmp_path):
+    """2 ranks x batch 4 over gloo == 1 process x batch 4 x 2 accumulated micro-batches: the same
+    global batches in the same order, so the same weights (BatchNorm statistics are per
+    micro-batch in both)."""
+    common = tiny_args(synth_root, tmp_path / "x", "--epochs", "1", "--batch-size", "4")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fasthpa.train", *common]  # fmt: skip
+    ddp[ddp.index("--out") + 1] = str(tmp_path / "ddp")
+    p = subprocess.run(ddp, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    single = [sys.executable, "-m", "fasthpa.train", *common, "--grad-accum", "2"]
+    single[single.index("--out") + 1] = str(tmp_path / "one")
+    p = subprocess.run(single, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    env_ddp = json.loads((tmp_path / "ddp" / "env.json").read_text())
+    assert env_ddp["world_size"] == 2 and env_ddp["global_batch"] == 8
+    a = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    b = load_checkpoint(tmp_path / "one" / "last.pt")
+    assert a["step"] == b["step"] > 0
+    params = dict(torch.nn.Module.named_parameters(_module_from(a)))
+    for name in params:
+        torch.testing.assert_close(
+            a["model"][name], b["model"][name], rtol=1e-4, atol=1e-5, msg=name
+        )
+    # evaluation saw every dev row exactly once on 2 ranks: identical dev probabilities
+    da, db = (
+        np.load(tmp_path / "ddp" / "dev_probs.npz"),
+        np.load(tmp_path / "one" / "dev_probs.npz"),
+    )
+    assert da["ids"].tolist() == db["ids"].tolist()
+    np.testing.assert_allclose(da["probs"], db["probs"], atol=1e-4)
+
+
+def _module_from(state: dict) -> torch.nn.Module:
+    from fasthpa.model import build_model
+
+    model, _ = build_model(state["arch"], in_channels=state["in_channels"], pretrained="none")
+    model.load_state_dict(state["model"])
+    return model
