@@ -272,7 +272,7 @@ class LoaderSpec:
         h, v, t = self.augment.probabilities()
         return augment_draws(
             self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank, step=step,
-            train=self.train, hflip_p=h, vflip_p=v, transpose_p=t, image_size=self.side,
+            world_size=self.world_size, train=self.train, hflip_p=h, vflip_p=v, transpose_p=t, image_size=self.side,
             crop=self.crop,
         )  # fmt: skip
 

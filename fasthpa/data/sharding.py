@@ -3,15 +3,20 @@
 One rule, shared by every loader backend so they agree sample for sample:
 
 - **train**: a global permutation of ``indices`` seeded by ``(seed, epoch)`` (the same on every
-  rank), dealt round-robin to the ranks (``perm[rank::world_size]``), then cut to
-  ``(len(indices) // world_size) // batch_size`` full batches, so every rank yields the same number
-  of equal-sized batches (static shapes for compiled graphs; no DDP hang on a short rank).
+  rank), cut into global batches of ``world_size * batch_size`` rows (the tail that does not fill
+  one is dropped); rank ``r`` takes the ``r``-th contiguous chunk of each global batch. Every rank
+  yields the same number of equal-sized batches (static shapes for compiled graphs; no DDP hang
+  on a short rank), and global batch ``s`` holds the same rows in the same order whatever the
+  world size: ``W`` ranks at batch ``B`` see exactly what one process sees with ``W`` accumulated
+  micro-batches of ``B`` (the trainer's test of DDP against one process relies on it).
 - **eval**: ``indices`` in their given order, dealt round-robin to the ranks, each rank padded
   with ``-1`` to the same number of full batches. Every real row appears exactly once over all
   ranks; the ``-1`` entries are padding that the evaluator masks out by index.
 
 Augmentation draws (flips, transposition, crop offsets) come from a generator seeded by
-``(seed, epoch, rank, step)``, so a resumed run replays them and every backend draws the same.
+``(seed, epoch, step * world_size + rank)`` -- the micro-batch's position in the epoch, not the
+rank -- so a resumed run replays them, every backend draws the same, and the draws of a micro-batch
+do not depend on how many ranks share the epoch.
 
 Call::
 
@@ -71,8 +76,8 @@ def epoch_plan(
                 f"{world_size} rank(s); lower --batch-size."
             )
         rng = np.random.default_rng([seed, epoch, _PERMUTATION_STREAM])
-        mine = indices[rng.permutation(n)][rank::world_size]
-        return mine[: nb * batch_size].reshape(nb, batch_size)
+        perm = indices[rng.permutation(n)][: nb * world_size * batch_size]
+        return perm.reshape(nb, world_size, batch_size)[:, rank, :].copy()
     mine = indices[rank::world_size]
     out = np.full(nb * batch_size, -1, dtype=np.int64)
     out[: len(mine)] = mine
@@ -108,13 +113,14 @@ def augment_draws(
     rank: int,
     step: int,
     train: bool,
+    world_size: int = 1,
     hflip_p: float = 0.0,
     vflip_p: float = 0.0,
     transpose_p: float = 0.0,
     image_size: int = 0,
     crop: int | None = None,
 ) -> AugmentDraws:
-    """Draw one batch's augmentation decisions, seeded by ``(seed, epoch, rank, step)``.
+    """Draw one batch's augmentation decisions, seeded by ``(seed, epoch, step * world_size + rank)``.
 
     Eval (``train=False``) draws nothing: no flips, and a centred crop when ``crop`` is set.
     ``image_size`` is the side of the image the crop is taken from.
@@ -126,7 +132,7 @@ def augment_draws(
         c = 0 if crop is None else (image_size - crop) // 2
         centre = np.full(batch_size, c, dtype=np.int32)
         return AugmentDraws(zeros, zeros, zeros, centre, centre.copy())
-    rng = np.random.default_rng([seed, epoch, rank, step, _AUGMENT_STREAM])
+    rng = np.random.default_rng([seed, epoch, step * world_size + rank, _AUGMENT_STREAM])
     # always draw every stream, so turning one augmentation on does not shift the others
     u = rng.random((3, batch_size))
     if crop is None:
