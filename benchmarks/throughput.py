@@ -1,0 +1,843 @@
+"""Training throughput: the optimisation ladder, end to end through the real loader, and a
+batch-size sweep with MFU, all measured in one run on one device.
+
+    python benchmarks/throughput.py --quick                              # CPU smoke run, < 2 min
+    python benchmarks/throughput.py --device cuda --image-size 512       # ladder + doubling sweep
+    python benchmarks/throughput.py --device cuda --batch-sizes 32,64,128 --arch resnet34
+    python benchmarks/throughput.py --device cuda --data /data/hpa       # e2e on real images
+
+The ladder (each rung adds one thing to the one before; same arch, batch and image size):
+fp32 eager NCHW -> + channels_last -> + AMP (bf16) -> + torch.compile -> + fused loss. Each rung
+runs the trainer's own ``fasthpa.train.train_step`` (forward, weighted BCE, backward, Adam) and
+reports two figures, as the NVIDIA reference trainers do:
+
+- model only ("compute"): inputs already resident on the device, images/sec of the step alone;
+- end to end ("total"): batches from the real loader (``fasthpa.data.loader.build_loader``,
+  backend auto: DALI when installed, else the PyTorch twin) over a synthetic Kaggle-layout
+  dataset written to a temporary folder (or ``--data ROOT``), with the share of wall time the
+  step loop spent waiting for data.
+
+The batch-size sweep runs the trainer's default configuration for the device (CUDA: channels_last
++ bf16 + compile + fused loss; CPU: channels_last, fp32, eager) at each batch size (CUDA: 8,
+doubling until out of memory, then one step back between the last fit and the failure; or the
+``--batch-sizes`` list), reporting images/sec, efficiency relative to the best batch, step time,
+peak memory and MFU: training FLOPs per image counted with ``torch.utils.flop_counter`` (convs
+and matmuls, forward and backward) x images/sec / the matrix-multiply peak measured in this same
+run on this device (bf16 for AMP rungs, fp32 otherwise; TF32 allowed on CUDA as in the trainer).
+
+Timing: the first step (which includes compilation) is timed on its own and reported as
+``first_step_s``; then ``--warmup`` more steps, then ``--repeats`` synchronised timings (CUDA
+events on a GPU) of ``--inner`` steps each; the tables give the median and the spread
+((max - min) / median). Results go to ``benchmarks/results/throughput_<device>_<date>.{json,md}``
+(or ``--out``) with the device, CPU threads, torch/triton/DALI versions and git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common import markdown_table, synchronize, time_fn, write_results
+
+import fasthpa.config
+
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """One rung of the ladder: how the training step is built."""
+
+    name: str
+    channels_last: bool
+    amp: bool
+    """bf16 autocast around the forward pass (and bf16 inputs, as the trainer feeds them)"""
+    compile: bool
+    fused_loss: bool
+    """fasthpa.kernels.bce_with_logits (Triton on CUDA) instead of F.binary_cross_entropy_with_logits"""
+
+
+def ladder(compile_step: bool) -> list[StepConfig]:
+    """The ladder's rungs in order; without ``compile_step`` the compile rung is left out and the
+    fused loss is added to the AMP rung instead."""
+    rungs = [
+        StepConfig("fp32 eager NCHW", False, False, False, False),
+        StepConfig("+ channels_last", True, False, False, False),
+        StepConfig("+ AMP (bf16)", True, True, False, False),
+    ]
+    if compile_step:
+        rungs.append(StepConfig("+ torch.compile", True, True, True, False))
+        rungs.append(StepConfig("+ fused loss", True, True, True, True))
+    else:
+        rungs.append(StepConfig("+ fused loss (no compile)", True, True, False, True))
+    return rungs
+
+
+def default_config(device_type: str, compile_on: bool) -> StepConfig:
+    """What ``fasthpa train`` runs by default on this device type (used for the sweep)."""
+    if device_type == "cuda":
+        return StepConfig("trainer default (cuda)", True, True, compile_on, True)
+    return StepConfig("trainer default (cpu)", True, False, compile_on, True)
+
+
+@dataclass
+class Options:
+    """Everything one benchmark run needs; ``parse_options`` builds it from the command line."""
+
+    device: str = "auto"
+    arch: str = "resnet18"
+    image_size: int = 512
+    channels: str = "rgby"
+    ladder_batch: int | None = None
+    """batch size of the ladder rungs (default: 64 on CUDA, 8 on CPU)"""
+    batch_sizes: list[int] | None = None
+    """the sweep's batch sizes; None: doubling from 8 until OOM on CUDA, [8, 16] on CPU"""
+    max_batch: int = 2048
+    warmup: int = 3
+    repeats: int = 5
+    inner: int = 1
+    e2e_steps: int = 10
+    """training steps per timed end-to-end repeat"""
+    compile: str = "auto"
+    """on, off, or auto: on for CUDA, off for a --quick CPU run (too slow to fit its budget)"""
+    skip_e2e: bool = False
+    data: str | None = None
+    """Kaggle-layout root for the end-to-end rungs; None: a synthetic dataset in a temp folder"""
+    synth_n: int | None = None
+    stored_size: int | None = None
+    """side of the generated PNGs (default: 512 like Kaggle, the image size with --quick)"""
+    workers: int | None = None
+    loader: str = "auto"
+    matmul_n: int | None = None
+    out: str | None = None
+    quick: bool = False
+    save: bool = True
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ measurements
+
+
+def resolve_device(spec: str):
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from fasthpa.errors import UserError
+
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu.")
+    return device
+
+
+def matmul_peak(device, dtype, n: int, repeats: int = 5) -> dict[str, Any]:
+    """FLOP/s of an n x n x n matrix multiply in ``dtype`` on ``device``: the MFU denominator.
+
+    Measured, not looked up, so MFU is relative to what this device reaches in this run.
+    """
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device, warmup=2, repeats=repeats)
+    return {
+        "dtype": str(dtype).replace("torch.", ""),
+        "n": n,
+        "flops_per_s": 2.0 * n**3 / t["median_s"],
+        "spread": t["spread"],
+    }
+
+
+def count_train_flops(model, x, y, loss_fn: Callable) -> int:
+    """FLOPs of one forward + backward of ``model`` on ``x`` (torch.utils.flop_counter: convs and
+    matmuls); gradients are cleared afterwards. Call it on an eager (uncompiled) model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(model(x).float(), y).backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def kaggle_label_frequency():
+    import torch
+
+    from fasthpa.labels import KAGGLE_TRAIN_COUNTS, KAGGLE_TRAIN_SAMPLES
+
+    return torch.tensor(KAGGLE_TRAIN_COUNTS, dtype=torch.float32) / KAGGLE_TRAIN_SAMPLES
+
+
+def random_batch(batch: int, channels: int, size: int, device, dtype, channels_last: bool, seed=0):
+    """Normalised-looking inputs and Kaggle-frequency multi-hot labels, resident on ``device``."""
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(batch, channels, size, size, generator=g).to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(batch, 28, generator=g) < kaggle_label_frequency()).float().to(device)
+    return x, y
+
+
+class TrainStep:
+    """The trainer's training step (``fasthpa.train.train_step``) built for one StepConfig.
+
+    ``step(x, y)`` runs forward, weighted BCE (weights 1 - Kaggle label frequency, as
+    ``--loss wbce``), backward and an Adam step; it returns the loss as a device tensor.
+    """
+
+    def __init__(self, cfg: StepConfig, arch: str, in_channels: int, device, seed: int = 0):
+        import fasthpa.kernels as K
+        import torch
+        import torch.nn.functional as F
+
+        from fasthpa.model import build_model
+
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(seed)
+        model, _ = build_model(arch, in_channels=in_channels, pretrained="none")
+        model.to(device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.raw_model = model
+        fused = {"fused": True} if device.type == "cuda" else {}
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, **fused)
+        self.model = torch.compile(model) if cfg.compile else model
+        weight = (1.0 - kaggle_label_frequency()).to(device)
+        if cfg.fused_loss:
+            self.loss_fn = lambda logits, y: K.bce_with_logits(logits, y, weight=weight)
+        else:
+            self.loss_fn = lambda logits, y: F.binary_cross_entropy_with_logits(
+                logits, y, weight=weight
+            )
+        self.input_dtype = torch.bfloat16 if cfg.amp else torch.float32
+
+    def autocast(self):
+        import torch
+
+        if not self.cfg.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def __call__(self, x, y):
+        from fasthpa.train import train_step
+
+        if not self.cfg.channels_last and not x.is_contiguous():
+            x = x.contiguous()  # an NCHW pipeline hands the model a contiguous batch
+        return train_step(
+            self.model,
+            self.optimizer,
+            None,
+            self.loss_fn,
+            [(x, y)],
+            self.autocast,
+            contextlib.nullcontext,
+        )
+
+
+def timed_first_step(fn: Callable[[], Any], device) -> float:
+    """Seconds of the first call, synchronised: compilation and lazy initialisation live here."""
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def measure_model_only(step: TrainStep, batch: int, opts: Options, channels: int) -> dict:
+    """images/sec of ``step`` with inputs resident on the device."""
+    x, y = random_batch(
+        batch,
+        channels,
+        opts.image_size,
+        step.device,
+        step.input_dtype,
+        step.cfg.channels_last,
+        opts.seed,
+    )
+    first = timed_first_step(lambda: step(x, y), step.device)
+    t = time_fn(
+        lambda: step(x, y), step.device, warmup=opts.warmup, repeats=opts.repeats, inner=opts.inner
+    )
+    return {
+        "first_step_s": first,
+        "step_ms": 1e3 * t["median_s"],
+        "images_per_s": batch / t["median_s"],
+        "spread": t["spread"],
+    }
+
+
+class _Batches:
+    """Endless batches from a loader: a new epoch (set_epoch) whenever one ends."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.epoch, self.it = loader, 0, None
+
+    def next(self):
+        while True:
+            if self.it is None:
+                self.loader.set_epoch(self.epoch)
+                self.it = iter(self.loader)
+                self.epoch += 1
+            try:
+                return next(self.it)
+            except StopIteration:
+                self.it = None
+
+
+def measure_end_to_end(step: TrainStep, loader, opts: Options) -> dict:
+    """images/sec of the training loop fed by the real loader, and the data-wait share.
+
+    The clock is read around each repeat of ``e2e_steps`` steps, after a device synchronise;
+    data wait is the host time spent in ``next()`` (as the trainer measures it).
+    """
+    import statistics
+
+    batches = _Batches(loader)
+    t0 = time.perf_counter()
+    for _ in range(max(1, opts.warmup)):  # worker start, pipeline build, compilation
+        x, y, _ = batches.next()
+        step(x, y)
+    synchronize(step.device)
+    warmup_s = time.perf_counter() - t0
+    rates, shares = [], []
+    for _ in range(opts.repeats):
+        wait = 0.0
+        images = 0
+        start = time.perf_counter()
+        for _ in range(opts.e2e_steps):
+            a = time.perf_counter()
+            x, y, _ = batches.next()
+            wait += time.perf_counter() - a
+            images += x.shape[0]
+            step(x, y)
+        synchronize(step.device)
+        elapsed = time.perf_counter() - start
+        rates.append(images / elapsed)
+        shares.append(wait / elapsed)
+    med = statistics.median(rates)
+    return {
+        "e2e_images_per_s": med,
+        "e2e_spread": (max(rates) - min(rates)) / med if med > 0 else 0.0,
+        "data_wait_share": statistics.median(shares),
+        "e2e_warmup_s": warmup_s,
+    }
+
+
+def peak_memory_gib(device) -> float | None:
+    """CUDA: the allocator's peak since the last reset. CPU: the process's maximum RSS so far
+    (a high-water mark over the whole run, so an upper bound for the current batch)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    except (ImportError, OSError):
+        return None
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_memory(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sweep_batches(
+    measure: Callable[[int], dict],
+    batch_sizes: list[int] | None,
+    *,
+    start: int = 8,
+    max_batch: int = 2048,
+    on_oom: Callable[[], None] = lambda: None,
+) -> list[dict]:
+    """Run ``measure(batch)`` over a batch-size list, or double from ``start`` until out of memory.
+
+    Doubling: after an OOM at B (last fit P = B / 2), one step back tries the multiple of 8
+    halfway between P and B, then stops. A listed sweep stops at its first OOM. Every attempt
+    gives a row; an OOM row has ``oom=True`` and no figures. ``on_oom`` frees memory.
+    """
+    rows: list[dict] = []
+
+    def attempt(batch: int) -> bool:
+        try:
+            row = measure(batch)
+        except Exception as e:  # only OOM is a sweep result; anything else is a bug
+            if not is_oom(e):
+                raise
+            on_oom()
+            rows.append({"batch": batch, "oom": True})
+            return False
+        rows.append({"batch": batch, "oom": False, **row})
+        return True
+
+    if batch_sizes is not None:
+        for b in batch_sizes:
+            if not attempt(b):
+                break
+        return rows
+    b, last_ok = start, None
+    while b <= max_batch:
+        if not attempt(b):
+            if last_ok is not None:
+                back = (last_ok + (b - last_ok) // 2) // 8 * 8
+                if last_ok < back < b:
+                    attempt(back)
+            break
+        last_ok, b = b, b * 2
+    return rows
+
+
+def add_efficiency(rows: list[dict]) -> None:
+    """efficiency = images/sec relative to the best batch of the sweep (1.0 for the best)."""
+    ok = [r for r in rows if not r.get("oom")]
+    best = max((r["images_per_s"] for r in ok), default=0.0)
+    for r in ok:
+        r["efficiency"] = r["images_per_s"] / best if best > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def _synthetic_data(opts: Options, batch: int, work: Path) -> tuple[Path, str]:
+    from fasthpa.data.synth import generate
+
+    n = opts.synth_n or max(4 * batch, 64)
+    size = opts.stored_size or (opts.image_size if opts.quick else max(512, opts.image_size))
+    root = work / "data"
+    generate(root, n=n, size=size, seed=opts.seed, workers=os.cpu_count() or 1)
+    return root, f"fasthpa.data.synth, {n} samples stored at {size} px"
+
+
+def _e2e_loader(root: Path, step: TrainStep, batch: int, opts: Options, stats):
+    import numpy as np
+
+    from fasthpa.data.loader import build_loader, open_source
+
+    source = open_source(root, "train")
+    return build_loader(
+        source,
+        np.arange(len(source)),
+        train=True,
+        batch_size=batch,
+        image_size=opts.image_size,
+        channels=opts.channels,
+        stats=stats,
+        device=step.device,
+        dtype=step.input_dtype,
+        seed=opts.seed,
+        workers=opts.workers if opts.workers is not None else min(4, os.cpu_count() or 1),
+        backend=opts.loader,
+    )
+
+
+def run_benchmark(opts: Options) -> dict[str, Any]:
+    """Measure the ladder and the sweep; print the tables; write the result files (if
+    ``opts.save``). Returns {"ladder", "sweep", "peaks", "flops_per_image", "paths", ...}."""
+    import torch
+
+    from fasthpa.data.stats import ChannelStats
+    from fasthpa.envinfo import device_name
+
+    device = resolve_device(opts.device)
+    if device.type == "cuda":  # the trainer's settings, so the figures match a real run
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    in_channels = 4 if opts.channels == "rgby" else 3
+    batch = opts.ladder_batch or (64 if device.type == "cuda" else 8)
+    notes = list(opts.notes)
+    if opts.compile == "auto":
+        compile_on = device.type == "cuda" or not opts.quick
+        if not compile_on:
+            notes.append(
+                "torch.compile skipped: --quick on CPU (inductor's C++ compile of the train step "
+                "takes over a minute on a 2-core CPU, beyond the quick budget); run without "
+                "--quick or with --compile on to include it."
+            )
+    else:
+        compile_on = opts.compile == "on"
+        if not compile_on:
+            notes.append("torch.compile skipped: --compile off.")
+    if device.type == "cpu":
+        notes.append(
+            "fused loss on CPU: fasthpa.kernels runs its PyTorch twin (Triton only on CUDA), so "
+            "no gain is expected from that rung here."
+        )
+        notes.append(
+            "AMP on CPU: bf16 autocast is measured for the ladder, but `fasthpa train` leaves AMP "
+            "off on CPU (--amp auto) because most CPUs run bf16 convolutions slower."
+        )
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    # ---- the matmul peaks (MFU denominators), measured first on the idle device
+    mm_n = opts.matmul_n or (8192 if device.type == "cuda" else (1024 if opts.quick else 2048))
+    peaks = {
+        "float32": matmul_peak(device, torch.float32, mm_n, repeats=opts.repeats),
+        "bfloat16": matmul_peak(device, torch.bfloat16, mm_n, repeats=opts.repeats),
+    }
+
+    # ---- FLOPs per training image (eager model, batch 2: train-mode BatchNorm needs > 1)
+    counter = TrainStep(
+        StepConfig("count", False, False, False, False), opts.arch, in_channels, device
+    )
+    x2, y2 = random_batch(2, in_channels, opts.image_size, device, torch.float32, False)
+    flops_per_image = count_train_flops(counter.raw_model, x2, y2, counter.loss_fn) / 2
+    del counter, x2, y2
+    free_memory(device)
+
+    def mfu(cfg: StepConfig, images_per_s: float) -> float:
+        peak = peaks["bfloat16" if cfg.amp else "float32"]["flops_per_s"]
+        return flops_per_image * images_per_s / peak
+
+    work = Path(tempfile.mkdtemp(prefix="fasthpa_throughput_"))
+    data_desc = None
+    try:
+        root = None
+        if not opts.skip_e2e:
+            if opts.data:
+                root, data_desc = Path(opts.data), f"dataset {opts.data}"
+            else:
+                root, data_desc = _synthetic_data(opts, batch, work)
+        # throughput does not depend on the statistics' values: use the reference ones
+        stats = ChannelStats((0.0807, 0.0526, 0.0549, 0.0828), (0.1370, 0.1015, 0.1531, 0.1381))
+
+        # ---- the ladder
+        ladder_rows: list[dict] = []
+        for cfg in ladder(compile_on):
+            step = TrainStep(cfg, opts.arch, in_channels, device, opts.seed)
+            row: dict[str, Any] = {
+                "section": "ladder",
+                "step": cfg.name,
+                "batch": batch,
+                "channels_last": cfg.channels_last,
+                "amp": "bf16" if cfg.amp else "off",
+                "compile": cfg.compile,
+                "fused_loss": cfg.fused_loss,
+            }
+            row |= measure_model_only(step, batch, opts, in_channels)
+            row["mfu"] = mfu(cfg, row["images_per_s"])
+            if root is not None:
+                loader = _e2e_loader(root, step, batch, opts, stats)
+                row["loader"] = loader.backend
+                row |= measure_end_to_end(step, loader, opts)
+                del loader
+            ladder_rows.append(row)
+            del step
+            free_memory(device)
+        base = ladder_rows[0]
+        for r in ladder_rows:
+            r["speedup"] = r["images_per_s"] / base["images_per_s"]
+            if "e2e_images_per_s" in r:
+                r["e2e_speedup"] = r["e2e_images_per_s"] / base["e2e_images_per_s"]
+
+        # ---- the batch-size sweep with the trainer's default configuration
+        sweep_cfg = default_config(device.type, compile_on)
+        sweep_step = TrainStep(sweep_cfg, opts.arch, in_channels, device, opts.seed)
+
+        def measure(b: int) -> dict:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            r = measure_model_only(sweep_step, b, opts, in_channels)
+            r["peak_mem_gib"] = peak_memory_gib(device)
+            r["mfu"] = mfu(sweep_cfg, r["images_per_s"])
+            return r
+
+        sizes = opts.batch_sizes
+        if sizes is None and device.type != "cuda":
+            sizes = [8, 16]
+        sweep_rows = sweep_batches(
+            measure,
+            sizes,
+            max_batch=opts.max_batch,
+            on_oom=lambda: (sweep_step.optimizer.zero_grad(set_to_none=True), free_memory(device)),
+        )
+        add_efficiency(sweep_rows)
+        for r in sweep_rows:
+            r["section"] = "sweep"
+            r["config"] = sweep_cfg.name
+        free_memory(device)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    result = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "arch": opts.arch,
+        "image_size": opts.image_size,
+        "channels": opts.channels,
+        "ladder": ladder_rows,
+        "sweep": sweep_rows,
+        "peaks": peaks,
+        "flops_per_image": flops_per_image,
+        "data": data_desc,
+        "compile_in_ladder": compile_on,
+        "timing": {
+            "warmup": opts.warmup,
+            "repeats": opts.repeats,
+            "inner": opts.inner,
+            "e2e_steps": opts.e2e_steps,
+        },
+        "load_average": load,
+        "notes": notes,
+        "paths": [],
+    }
+    print_tables(result)
+    if opts.save:
+        md = markdown_report(result)
+        extra = {k: v for k, v in result.items() if k not in ("ladder", "sweep", "paths")}
+        extra["options"] = {k: v for k, v in dataclasses.asdict(opts).items() if k != "notes"}
+        paths = write_results(
+            "throughput", device, ladder_rows + sweep_rows, md, extra=extra, out_dir=opts.out
+        )
+        result["paths"] = [str(p) for p in paths]
+        print("wrote", *result["paths"])
+    return result
+
+
+# ------------------------------------------------------------------------------ output
+
+LADDER_COLUMNS = [
+    ("step", "step"),
+    ("images_per_s", "model img/s"),
+    ("spread", "spread"),
+    ("speedup", "x base"),
+    ("step_ms", "step ms"),
+    ("mfu", "MFU"),
+    ("first_step_s", "first step s"),
+    ("e2e_images_per_s", "e2e img/s"),
+    ("e2e_spread", "e2e spread"),
+    ("data_wait_share", "data wait"),
+    ("e2e_speedup", "e2e x base"),
+    ("loader", "loader"),
+]
+SWEEP_COLUMNS = [
+    ("batch", "batch"),
+    ("images_per_s", "img/s"),
+    ("spread", "spread"),
+    ("efficiency", "efficiency"),
+    ("step_ms", "step ms"),
+    ("peak_mem_gib", "peak mem GiB"),
+    ("mfu", "MFU"),
+    ("first_step_s", "first step s"),
+]
+
+
+def _fmt(key: str, v: Any) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if key in ("spread", "e2e_spread", "data_wait_share", "mfu", "efficiency"):
+            return f"{100 * v:.1f}%"
+        if key in ("speedup", "e2e_speedup"):
+            return f"{v:.2f}x"
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def _header(result: dict) -> str:
+    from fasthpa.envinfo import environment
+
+    env = environment(result["device_type"])
+    return (
+        f"{result['arch']} at {result['image_size']} px ({result['channels']}) on {env['device']}; "
+        f"torch {env['torch']}, triton {env['triton']}, DALI {env['dali']}, "
+        f"{env['cpu_threads']} CPU threads, commit {env['git_commit']}"
+    )
+
+
+def print_tables(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(_header(result))
+    t = Table(title="ladder: model only (inputs on device) and end to end (real loader)")
+    for _, title in LADDER_COLUMNS:
+        t.add_column(title, justify="right")
+    for r in result["ladder"]:
+        t.add_row(*(_fmt(k, r.get(k)) for k, _ in LADDER_COLUMNS))
+    console.print(t)
+    s = Table(title=f"batch-size sweep: {result['sweep'][0]['config'] if result['sweep'] else ''}")
+    for _, title in SWEEP_COLUMNS:
+        s.add_column(title, justify="right")
+    for r in result["sweep"]:
+        if r.get("oom"):
+            s.add_row(str(r["batch"]), "out of memory", *["-"] * (len(SWEEP_COLUMNS) - 2))
+        else:
+            s.add_row(*(_fmt(k, r.get(k)) for k, _ in SWEEP_COLUMNS))
+    console.print(s)
+    peaks = ", ".join(
+        f"{k} {v['flops_per_s'] / 1e12:.3g} TFLOP/s (n={v['n']})"
+        for k, v in result["peaks"].items()
+    )
+    console.print(
+        f"matmul peak measured in this run: {peaks}; training FLOPs per image "
+        f"{result['flops_per_image'] / 1e9:.3g} GFLOP"
+    )
+    for n in result["notes"]:
+        console.print(f"[yellow]note:[/] {n}")
+
+
+def _md_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    shown = []
+    for r in rows:
+        if r.get("oom"):
+            shown.append({columns[0][1]: r["batch"], columns[1][1]: "out of memory"})
+        else:
+            shown.append({title: _fmt(k, r.get(k)) for k, title in columns})
+    return markdown_table(shown, [title for _, title in columns])
+
+
+def markdown_report(result: dict) -> str:
+    t = result["timing"]
+    parts = [
+        _header(result) + "\n",
+        f"Timing: first step (compilation included) reported apart; then {t['warmup']} warm-up "
+        f"steps and {t['repeats']} synchronised repeats of {t['inner']} step(s) (model only) or "
+        f"{t['e2e_steps']} steps (end to end); medians, spread = (max - min) / median. "
+        f"End-to-end data: {result['data'] or 'skipped'}.\n",
+        "## Ladder\n",
+        _md_table(result["ladder"], LADDER_COLUMNS) + "\n",
+        f"## Batch-size sweep ({result['sweep'][0]['config'] if result['sweep'] else '-'})\n",
+        _md_table(result["sweep"], SWEEP_COLUMNS) + "\n",
+        "MFU = training FLOPs per image (torch.utils.flop_counter, forward + backward, "
+        f"{result['flops_per_image'] / 1e9:.4g} GFLOP) x images/sec / matmul peak measured in "
+        "this run: "
+        + ", ".join(
+            f"{k} {v['flops_per_s'] / 1e12:.4g} TFLOP/s (n={v['n']}, spread {100 * v['spread']:.1f}%)"
+            for k, v in result["peaks"].items()
+        )
+        + ". Peak memory: CUDA allocator peak; on CPU the process's maximum RSS so far.\n",
+    ]
+    if result.get("load_average"):
+        la = ", ".join(f"{x:.2f}" for x in result["load_average"])
+        parts.append(f"Load average at start (1, 5, 15 min): {la}.\n")
+    parts += [f"- note: {n}" for n in result["notes"]]
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--arch", default="resnet18", choices=fasthpa.config.ARCHS)
+    p.add_argument("--image-size", type=int, default=None, help="default 512 (64 with --quick)")
+    p.add_argument("--channels", default="rgby", choices=("rgby", "rgb"))
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="ladder batch (default 64 CUDA, 8 CPU)"
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=_int_list,
+        default=None,
+        help="sweep batch sizes, e.g. 8,16,32 (default: CUDA doubles from 8 until OOM; CPU 8,16)",
+    )
+    p.add_argument("--max-batch", type=int, default=2048, help="largest batch the doubling tries")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps after the first")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (median, spread)")
+    p.add_argument("--inner", type=int, default=None, help="steps per model-only repeat")
+    p.add_argument("--e2e-steps", type=int, default=None, help="steps per end-to-end repeat")
+    p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES, help="compile rung")
+    p.add_argument("--skip-e2e", action="store_true", help="model-only figures")
+    p.add_argument("--data", default=None, help="Kaggle-layout root (default: synthetic)")
+    p.add_argument("--synth-n", type=int, default=None, help="synthetic samples to generate")
+    p.add_argument("--stored-size", type=int, default=None, help="side of the generated PNGs")
+    p.add_argument("--workers", type=int, default=None, help="loader workers / DALI threads")
+    p.add_argument("--loader", default="auto", choices=("auto", "torch", "dali"))
+    p.add_argument("--matmul-n", type=int, default=None, help="side of the peak matmul")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--quick", action="store_true", help="CPU smoke run in under two minutes")
+    p.add_argument("--no-save", action="store_true", help="print only, write no files")
+    return p
+
+
+def parse_options(argv: list[str] | None = None) -> Options:
+    a = build_parser().parse_args(argv)
+    q = a.quick
+    return Options(
+        device="cpu" if q and a.device == "auto" else a.device,
+        arch=a.arch,
+        image_size=a.image_size or (64 if q else 512),
+        channels=a.channels,
+        ladder_batch=a.batch_size,
+        batch_sizes=a.batch_sizes,
+        max_batch=a.max_batch,
+        warmup=a.warmup if a.warmup is not None else (0 if q else 3),
+        repeats=a.repeats or (3 if q else 5),
+        inner=a.inner or 1,
+        e2e_steps=a.e2e_steps or (2 if q else 10),
+        compile=a.compile,
+        skip_e2e=a.skip_e2e,
+        data=a.data,
+        synth_n=a.synth_n or (32 if q else None),
+        stored_size=a.stored_size,
+        workers=a.workers if a.workers is not None else (1 if q else None),
+        loader=a.loader,
+        matmul_n=a.matmul_n,
+        out=a.out,
+        quick=q,
+        save=not a.no_save,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fasthpa.errors import UserError
+
+    try:
+        opts = parse_options(argv)
+        if opts.image_size < 16:
+            raise UserError(f"--image-size {opts.image_size}: must be at least 16.")
+        t0 = time.perf_counter()
+        run_benchmark(opts)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
