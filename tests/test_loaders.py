@@ -7,6 +7,7 @@ same rows, the pixels the dataset layer decodes (``read_sample``), flipped/trans
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import sys
 import zlib
@@ -154,6 +155,28 @@ def test_random_augmentations_follow_the_seeded_draws(dataset, backend):
         seen.add(tuple(d[:3]))
         assert np.array_equal(_as_uint8(x[k]), ref), (r, d)
     assert len(seen) > 2, "the draws should vary over ten samples"
+
+
+def test_device_side_augmentation_equals_numpy(dataset):
+    """The twin's CUDA path (uint8 copied, then torch.where flips on the device), run on the CPU."""
+    from fasthpa.data.torch_loader import augment_and_normalise
+
+    aug = AugmentConfig(dihedral=True)
+    spec = _load(_source(dataset, "npy"), np.arange(N), "torch", train=True, augment=aug).spec
+    rng = np.random.default_rng()
+    pixels = rng.integers(0, 256, size=(7, 9, 9, 3), dtype=np.uint8)
+    draws = np.zeros((7, 5), dtype=np.int32)
+    draws[:, :3] = rng.integers(0, 2, size=(7, 3))
+    draws[:4, :3] = [[0, 0, 0], [1, 1, 1], [1, 0, 1], [0, 1, 0]]  # some certain cases
+    spec = dataclasses.replace(spec, channels=3, stats=IDENTITY.select(3))
+    out = augment_and_normalise(torch.from_numpy(pixels), torch.from_numpy(draws), spec)
+    assert out.shape == (7, 3, 9, 9) and out.is_contiguous(memory_format=torch.channels_last)
+    for k, (h, v, t) in enumerate(draws[:, :3]):
+        ref = pixels[k]
+        ref = np.swapaxes(ref, 0, 1) if t else ref
+        ref = np.flip(ref, 1) if h else ref
+        ref = np.flip(ref, 0) if v else ref
+        assert np.array_equal(out[k].permute(1, 2, 0).numpy(), ref.astype(np.float32)), k
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -48,7 +48,8 @@ class _BatchReader(torch.utils.data.Dataset):
     def __len__(self) -> int:  # items come from the sampler; the length is never used
         return 0
 
-    def load(self, row: int, crop_y: int, crop_x: int) -> np.ndarray:
+    def load(self, row: int, draw: np.ndarray) -> np.ndarray:
+        """One sample, resized and cropped; flipped too (as free numpy views) on a CPU device."""
         img = read_sample(self.source, row, self.channels)
         img = resize_sample(img, self.image_size)
         if img.shape[0] != self.side or img.shape[1] != self.side:
@@ -58,19 +59,27 @@ class _BatchReader(torch.utils.data.Dataset):
                 f"set --image-size to load them together."
             )
         if self.crop is not None:
-            img = img[crop_y : crop_y + self.crop, crop_x : crop_x + self.crop]
+            y, x = int(draw[3]), int(draw[4])
+            img = img[y : y + self.crop, x : x + self.crop]
+        if self.finish_in_worker:  # the same order as augment_on_device
+            if draw[2]:
+                img = np.swapaxes(img, 0, 1)
+            if draw[0]:
+                img = img[:, ::-1]
+            if draw[1]:
+                img = img[::-1]
         return img
 
     def __getitem__(self, job: tuple[np.ndarray, np.ndarray]):
         rows, draws = job
-        imgs = [
-            self.load(int(r) if r >= 0 else self.pad_row, int(d[3]), int(d[4]))
-            for r, d in zip(rows, draws)
-        ]
-        pixels, draws_t = torch.from_numpy(np.stack(imgs)), torch.from_numpy(draws)
+        imgs = [self.load(int(r) if r >= 0 else self.pad_row, d) for r, d in zip(rows, draws)]
+        # the one copy, through the flipped views, into C order (np.stack alone would keep the
+        # transposed views' memory order)
+        batch = np.empty((len(imgs), *imgs[0].shape), dtype=np.uint8)
+        pixels = torch.from_numpy(np.stack(imgs, out=batch))
         if self.finish_in_worker:
-            pixels = augment_and_normalise(pixels, draws_t, self.spec)
-        return pixels, torch.from_numpy(rows), draws_t
+            pixels = normalise(pixels, self.spec)
+        return pixels, torch.from_numpy(rows), torch.from_numpy(draws)
 
 
 class _PlanSampler(torch.utils.data.Sampler):
@@ -92,13 +101,11 @@ class _PlanSampler(torch.utils.data.Sampler):
             yield rows, self.spec.draws(self.epoch, step).as_array()
 
 
-def augment_and_normalise(
-    pixels: torch.Tensor, draws: torch.Tensor, spec: LoaderSpec
-) -> torch.Tensor:
-    """uint8 [B, H, W, C] on the device -> [B, C, H, W] channels_last ``spec.dtype``.
+def augment_on_device(pixels: torch.Tensor, draws: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
+    """Per-sample transposition, then horizontal and vertical flips of uint8 [B, H, W, C].
 
-    ``draws`` is int32 [B, 5] (hflip, vflip, transpose, crop_y, crop_x) on the same device; the
-    crop was already taken on the CPU. Order: transposition, then flips, then normalisation.
+    ``draws`` is int32 [B, 5] (hflip, vflip, transpose, crop_y, crop_x) on the same device (the
+    crop was taken before the copy). Nothing is applied in eval mode.
     """
     h_p, v_p, t_p = spec.augment.probabilities() if spec.train else (0.0, 0.0, 0.0)
     x = pixels
@@ -109,12 +116,27 @@ def augment_and_normalise(
         x = torch.where(draws[:, 0, None, None, None].bool(), x.flip(2), x)
     if v_p > 0:
         x = torch.where(draws[:, 1, None, None, None].bool(), x.flip(1), x)
-    mean = torch.tensor(spec.stats.mean, dtype=torch.float32, device=x.device)
-    std = torch.tensor(spec.stats.std, dtype=torch.float32, device=x.device)
-    # (x / 255 - mean) / std as one multiply-add in float32, then one cast
-    scale, bias = 1.0 / (255.0 * std), -mean / std
-    y = torch.addcmul(bias, x.to(torch.float32).contiguous(), scale).to(spec.dtype)
+    return x
+
+
+def normalise(pixels: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
+    """uint8 [B, H, W, C] -> (x / 255 - mean) / std as [B, C, H, W] channels_last ``spec.dtype``."""
+    mean = torch.tensor(spec.stats.mean, dtype=torch.float32, device=pixels.device)
+    std = torch.tensor(spec.stats.std, dtype=torch.float32, device=pixels.device)
+    # one multiply and one add in place on the float32 copy (fewer passes than addcmul)
+    # contiguous HWC, whatever torch.where left: the permute below must be channels_last
+    y = pixels.to(torch.float32, memory_format=torch.contiguous_format)
+    y = y.mul_(1.0 / (255.0 * std)).add_(-mean / std)
+    if spec.dtype != torch.float32:
+        y = y.to(spec.dtype)
     return y.permute(0, 3, 1, 2)
+
+
+def augment_and_normalise(
+    pixels: torch.Tensor, draws: torch.Tensor, spec: LoaderSpec
+) -> torch.Tensor:
+    """:func:`augment_on_device` then :func:`normalise` (the CUDA path, after the copy)."""
+    return normalise(augment_on_device(pixels, draws, spec), spec)
 
 
 def lookup_labels(
