@@ -167,7 +167,7 @@ class DaliBatchLoader:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.spec.plan(self.epoch))
+        return self.spec.batches()
 
     # ------------------------------------------------------------------ the graph
 
@@ -286,7 +286,7 @@ class DaliBatchLoader:
         spec, dev = self.spec, self.spec.device
         self._start_epoch()
         self.finished = False
-        for _ in range(len(spec.plan(self.epoch))):
+        for _ in range(spec.batches()):
             images_tl, rows_tl = self.pipe.run()
             rows = self._to_torch(rows_tl).view(-1).to(dev, non_blocking=True)
             images = self._to_torch(images_tl, rows)

@@ -284,6 +284,15 @@ class LoaderSpec:
             world_size=self.world_size, seed=self.seed, epoch=epoch,
         )  # fmt: skip
 
+    def batches(self) -> int:
+        """Batches per epoch on this rank (the same every epoch and on every rank)."""
+        from fasthpa.data.sharding import num_batches
+
+        return num_batches(
+            len(self.indices), train=self.train, batch_size=self.batch_size,
+            world_size=self.world_size,
+        )  # fmt: skip
+
     @property
     def pad_row(self) -> int:
         """The row whose pixels fill padding slots (their index is -1, so they are masked)."""

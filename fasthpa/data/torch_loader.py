@@ -93,7 +93,7 @@ class _PlanSampler(torch.utils.data.Sampler):
         self.epoch = 0
 
     def __len__(self) -> int:
-        return len(self.spec.plan(self.epoch))
+        return self.spec.batches()
 
     def __iter__(self):
         plan = self.spec.plan(self.epoch)
