@@ -148,14 +148,15 @@ def _as_tensors(probs: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if p.shape[0] == 0:
         raise ValueError("need at least one sample to fit thresholds")
     if y.dtype != torch.bool:
-        if bool(((y != 0) & (y != 1)).any()):
+        lo, hi = torch.aminmax(y)
+        if bool(lo < 0) or bool(hi > 1) or (y.is_floating_point() and bool((y != y.round()).any())):
             raise ValueError("labels must be 0/1 (multi-hot)")
         y = y != 0
-    # one check for NaN and range: NaN fails both comparisons
-    if not bool(((p >= 0) & (p <= 1)).all()):
+    # one pass for NaN and range: aminmax propagates NaN, which fails both comparisons
+    lo, hi = torch.aminmax(p)
+    if not (bool(lo >= 0) and bool(hi <= 1)):
         raise ValueError("probabilities must lie in [0, 1] (found NaN or a value outside)")
-    # -0.0 would sort below +0.0 as bits (and +0.0 == -0.0 anyway); adding 0.0 turns it into +0.0
-    return p + 0.0, y
+    return p, y
 
 
 def _thresholds_tensor(thresholds: Any, n_labels: int, device: Any) -> torch.Tensor:
@@ -230,43 +231,76 @@ def _metrics(p: torch.Tensor, y: torch.Tensor, thresholds: Any) -> dict[str, Any
 
 
 # ---------------------------------------------------------------------------------------------
-# The searches. All work on the [L, N] transposed layout: each label's scores are one contiguous
-# row, which sorts faster than a strided column. No Python loop over labels or candidates.
+# The searches. One sort per label gives every count at every threshold: with the scores in
+# descending order and the cumulative true positives, predicting "score >= t" means predicting
+# the top k scores (k found by binary search), and TP is the cumulative count at k. Everything
+# works on the [L, N] transposed layout (one contiguous row per label); no Python loop over
+# labels or candidate thresholds.
 # ---------------------------------------------------------------------------------------------
 
 
-def _sort_desc(
-    p: torch.Tensor, y: torch.Tensor, backend: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each label's scores sorted high to low ([L, N]) and its labels in the same order.
+@dataclass
+class _SortedScores:
+    """Each label's scores high to low, as integer keys, with cumulative true positives."""
 
-    ``backend``: "numpy" (the default on CPU) or "torch" (the default elsewhere, e.g. CUDA);
-    both give the same scores and, within ties, possibly another order of the labels, which
-    the searches never look at (they only use the counts at the end of each tie group).
-    """
+    keys: torch.Tensor
+    """[L, N] int32 (float32 scores) or int64 (float64): ascending keys = descending scores."""
+    tp: torch.Tensor
+    """[L, N] int: true positives among the top i + 1 scores."""
+    dtype: torch.dtype
+    """The scores' dtype; thresholds found here are values of it."""
+
+    @property
+    def n(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def positives(self) -> torch.Tensor:
+        return self.tp[:, -1]
+
+    def scores(self, index: torch.Tensor) -> torch.Tensor:
+        """The scores at positions ``index`` ([L] or [L, M]) of the descending order."""
+        squeeze = index.ndim == 1
+        keys = self.keys.gather(1, index.unsqueeze(1) if squeeze else index)
+        out = _key_to_score(keys, self.dtype)
+        return out.squeeze(1) if squeeze else out
+
+    def counts_at(self, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted positives, true positives), int64 [L, M], for "score >= t" at float64
+        thresholds [L, M], exactly as a float64 comparison would decide it."""
+        import torch
+
+        t = thresholds.to(self.keys.device).clamp_min(0.0)  # every score is >= 0
+        # the smallest value of the scores' dtype that is >= t: the same test in that dtype
+        t_d = t.to(self.dtype)
+        t_d = torch.where(
+            t_d.to(torch.float64) < t, torch.nextafter(t_d, torch.full_like(t_d, math.inf)), t_d
+        )
+        predicted = torch.searchsorted(self.keys, _score_to_key(t_d), right=True)
+        tp = self.tp.gather(1, (predicted - 1).clamp_min(0)).to(torch.int64)
+        return predicted, torch.where(predicted > 0, tp, torch.zeros_like(tp))
+
+
+def _key_layout(dtype: torch.dtype):
     import torch
 
-    if p.dtype == torch.float32:
-        int_dtype, one_bits = torch.int32, 0x3F800000  # the bit pattern of 1.0f
-    else:
-        int_dtype, one_bits = torch.int64, 0x3FF0000000000000  # of 1.0 (float64)
-    # Scores in [0, 1] order like their bit patterns read as integers, so one_bits - bits is a
-    # non-negative integer key whose ascending order is the descending order of the scores:
-    # integer sorts are the fastest sorts on both backends, and the scores come back exactly.
-    keys = one_bits - p.t().contiguous().view(int_dtype)
-    if backend is None:
-        backend = "numpy" if p.device.type == "cpu" else "torch"
-    if backend == "numpy":
-        # numpy's argsort uses x86-simd-sort (AVX-512/AVX2): 3-4x faster than torch.sort on the
-        # CPU for [28, 1e4..1e6] (benchmarks/thresholds.py). torch.sort stays the GPU path.
-        keys_np = keys.numpy()
-        order_np = np.argsort(keys_np, axis=1)
-        keys = torch.from_numpy(np.take_along_axis(keys_np, order_np, axis=1))
-        order = torch.from_numpy(order_np)
-    else:
-        keys, order = torch.sort(keys, dim=1)
-    ys = torch.gather(y.t(), 1, order)
-    return (one_bits - keys).view(p.dtype), ys
+    if dtype == torch.float32:
+        return torch.int32, 0x3F800000, 0x7FFFFFFF  # the bits of 1.0f; all but the sign bit
+    return torch.int64, 0x3FF0000000000000, 0x7FFFFFFFFFFFFFFF
+
+
+def _score_to_key(x: torch.Tensor) -> torch.Tensor:
+    """Non-negative floats order like their bit patterns read as integers, so bits(1.0) - bits
+    is an integer key whose ascending order is the descending order of scores in [0, 1]
+    (integer sorts are the fastest sorts on both backends, and the scores come back exactly).
+    The sign bit is cleared so that -0.0 is +0.0; values above 1 get negative keys."""
+    int_dtype, one_bits, abs_mask = _key_layout(x.dtype)
+    return one_bits - (x.contiguous().view(int_dtype) & abs_mask)
+
+
+def _key_to_score(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    _, one_bits, _ = _key_layout(dtype)
+    return (one_bits - keys).view(dtype)
 
 
 def _count_dtype(n: int):
@@ -274,6 +308,32 @@ def _count_dtype(n: int):
 
     # int32 counts are exact below 2**31 samples and their cumsum is ~5x faster than int64 on CPU
     return torch.int32 if n < 2**31 - 1 else torch.int64
+
+
+def _sort_scores(p: torch.Tensor, y: torch.Tensor, backend: str | None = None) -> _SortedScores:
+    """Sort every label's scores (one row each) and count true positives down the order.
+
+    ``backend``: "numpy" (the default on CPU) or "torch" (the default elsewhere, e.g. CUDA).
+    Both give the same keys; within a tie group the labels may come in another order, which
+    nothing downstream looks at (counts are only read at the end of tie groups).
+    """
+    import torch
+
+    keys = _score_to_key(p.t())
+    if backend is None:
+        backend = "numpy" if p.device.type == "cpu" else "torch"
+    if backend == "numpy":
+        # numpy's argsort uses x86-simd-sort (AVX-512/AVX2): several times faster than
+        # torch.sort on the CPU at these sizes (benchmarks/thresholds.py times both).
+        keys_np = keys.numpy()
+        order_np = np.argsort(keys_np, axis=1)
+        keys = torch.from_numpy(np.take_along_axis(keys_np, order_np, axis=1))
+        order = torch.from_numpy(order_np)
+    else:
+        keys, order = torch.sort(keys, dim=1)
+    ys = torch.gather(y.t(), 1, order)
+    tp = torch.cumsum(ys, dim=1, dtype=_count_dtype(p.shape[0]))
+    return _SortedScores(keys=keys, tp=tp, dtype=p.dtype)
 
 
 def _midpoint_below(upper: torch.Tensor, lower: torch.Tensor, has_lower: torch.Tensor):
@@ -290,61 +350,42 @@ def _midpoint_below(upper: torch.Tensor, lower: torch.Tensor, has_lower: torch.T
     return torch.where(ok, mid, upper).to(torch.float64)
 
 
-def _exact_search(p: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _exact_search(s: _SortedScores) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact F1-optimal thresholds for every label: (thresholds float64 [L], best F1 [L])."""
     import torch
 
-    n = p.shape[0]
-    vals, ys = _sort_desc(p, y)
-    # 1. true positives when the top k+1 scores are predicted positive
-    tp = torch.cumsum(ys, dim=1, dtype=_count_dtype(n))
-    positives = tp[:, -1:]
-    # 2. F1 = 2 TP / (predicted + positives); integers below 2**53 are exact in float64, and two
-    #    different fractions with denominators <= 2N differ by >= 1/(4N^2), far above float64
-    #    rounding, so the argmax is the exact one.
-    #    True division (correctly rounded) also makes equal fractions equal floats, which the
-    #    tie rule in step 4 relies on; the * 2 is exact.
-    k = torch.arange(1, n + 1, device=p.device, dtype=torch.float64)
-    f1 = k + positives
-    torch.div(tp, f1, out=f1).mul_(2)
-    # 3. a cut is only possible at the end of a tie group (the next score is lower, or none)
-    inside_group = torch.zeros_like(ys)
-    inside_group[:, :-1] = vals[:, :-1] == vals[:, 1:]
-    f1.masked_fill_(inside_group, -1.0)
-    # 4. argmax returns the first maximum: the highest threshold among equally good cuts
-    best = f1.argmax(dim=1, keepdim=True)
-    best_f1 = f1.gather(1, best).squeeze(1)
-    upper = vals.gather(1, best).squeeze(1)
-    below = (best + 1).clamp_max(n - 1)
-    lower = vals.gather(1, below).squeeze(1)
-    thresholds = _midpoint_below(upper, lower, (best + 1).squeeze(1) < n)
-    return thresholds, best_f1
+    n = s.n
+    # 1. F1 when the top k scores are predicted = 2 TP / (k + positives). Integers below 2**53
+    #    are exact in float64 and two different fractions with denominators <= 2N differ by at
+    #    least 1/(4N^2), far above float64 rounding: the argmax is the exact one. True division
+    #    (correctly rounded) also makes equal fractions equal floats, which the tie rule in
+    #    step 3 relies on; the * 2 is exact.
+    k = torch.arange(1, n + 1, device=s.keys.device, dtype=torch.float64)
+    f1 = k + s.tp[:, -1:]
+    torch.div(s.tp, f1, out=f1).mul_(2)
+    # 2. a cut is only possible at the end of a tie group (the next score is lower, or none)
+    f1[:, :-1].masked_fill_(s.keys[:, :-1] == s.keys[:, 1:], -1.0)
+    # 3. argmax returns the first maximum: the highest threshold among equally good cuts
+    best = f1.argmax(dim=1)
+    best_f1 = f1.gather(1, best.unsqueeze(1)).squeeze(1)
+    upper = s.scores(best)
+    lower = s.scores((best + 1).clamp_max(n - 1))
+    return _midpoint_below(upper, lower, best + 1 < n), best_f1
 
 
-def _grid_search(p: torch.Tensor, y: torch.Tensor, steps: int = GRID_STEPS):
+def _grid_search(s: _SortedScores, steps: int = GRID_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Best of t = j / steps (j = 0..steps) per label: (thresholds float64 [L], F1 [L]).
 
-    Histogram formulation: each score falls in the bucket of grid points it reaches, so the
-    counts at every grid threshold are one suffix sum, with no loop over thresholds.
+    The counts at all grid points come from one batched binary search in the sorted scores.
     """
     import torch
 
-    n_labels = p.shape[1]
-    grid = torch.arange(steps + 1, device=p.device, dtype=torch.float64) / steps
-    # bucket b: grid[j] <= score exactly for j < b (compared in float64, as the thresholds are)
-    bucket = torch.searchsorted(grid, p.t().contiguous().to(torch.float64), right=True)
-    bucket += torch.arange(n_labels, device=p.device).unsqueeze(1) * (steps + 2)
-    flat = bucket.flatten()
-    size = n_labels * (steps + 2)
-    counts = torch.bincount(flat, minlength=size).view(n_labels, steps + 2)
-    pos_counts = torch.bincount(flat[y.t().flatten()], minlength=size).view(n_labels, steps + 2)
-    # predicted positives at grid[j] = scores in buckets j+1..steps+1 (a reversed cumsum)
-    predicted = counts.flip(1).cumsum(1).flip(1)[:, 1:]
-    tp = pos_counts.flip(1).cumsum(1).flip(1)[:, 1:]
-    positives = tp[:, :1]
-    f1 = _f1_from_counts(tp, predicted, positives.expand_as(tp))
+    n_labels = s.keys.shape[0]
+    grid = torch.arange(steps + 1, device=s.keys.device, dtype=torch.float64) / steps
+    predicted, tp = s.counts_at(grid.expand(n_labels, -1))
+    f1 = _f1_from_counts(tp, predicted, s.positives.unsqueeze(1).expand_as(tp))
     # ties: closest to 0.5 first, then the lower threshold
-    j = torch.arange(steps + 1, device=p.device)
+    j = torch.arange(steps + 1, device=s.keys.device)
     half = steps // 2
     preference = (j - half).abs() * 2 + (j > half).long()
     is_best = f1 == f1.max(dim=1, keepdim=True).values
@@ -371,20 +412,19 @@ def _prevalence_rates(prevalence: Any, y: torch.Tensor) -> torch.Tensor:
     return rates
 
 
-def _prevalence_thresholds(p: torch.Tensor, y: torch.Tensor, rates: torch.Tensor):
-    """Thresholds that predict the round(rate * N) highest scores of each label positive."""
+def _prevalence_thresholds(s: _SortedScores, rates: torch.Tensor):
+    """Thresholds that predict the round(rate * N) highest scores of each label positive:
+    (thresholds float64 [L], k [L])."""
     import torch
 
-    n = p.shape[0]
-    vals, _ = _sort_desc(p, y)
+    n = s.n
     # round half up, deterministically (torch.round rounds half to even)
-    k = torch.floor(rates * n + 0.5).long().clamp(0, n)
-    kth = (k - 1).clamp(0, n - 1).unsqueeze(1)
-    upper = vals.gather(1, kth).squeeze(1)
-    lower = vals.gather(1, k.clamp_max(n - 1).unsqueeze(1)).squeeze(1)
+    k = torch.floor(rates.to(s.keys.device) * n + 0.5).long().clamp(0, n)
+    upper = s.scores((k - 1).clamp(0, n - 1))
+    lower = s.scores(k.clamp_max(n - 1))
     thresholds = _midpoint_below(upper, lower, (k < n) & (k > 0))
     # k = 0: nothing predicted on the fitting data, so a threshold just above the top score
-    top = vals[:, 0]
+    top = s.scores(torch.zeros_like(k))
     above_top = torch.nextafter(top, torch.full_like(top, math.inf)).to(torch.float64)
     return torch.where(k == 0, above_top, thresholds), k
 
@@ -428,14 +468,16 @@ def fit_thresholds(
     names = tuple(label_names) if label_names is not None else _default_names(n_labels)
     if len(names) != n_labels:
         raise ValueError(f"need {n_labels} label names, got {len(names)}")
-    positives = y.sum(0)
+    # one sort serves the search, the rare-label rules and the F1 before and after
+    s = _sort_scores(p, y)
+    positives = s.positives
 
     if method == "exact":
-        thresholds, _ = _exact_search(p, y)
+        thresholds, _ = _exact_search(s)
     elif method == "grid":
-        thresholds, _ = _grid_search(p, y)
+        thresholds, _ = _grid_search(s)
     else:
-        thresholds, _ = _prevalence_thresholds(p, y, _prevalence_rates(prevalence, y))
+        thresholds, _ = _prevalence_thresholds(s, _prevalence_rates(prevalence, y))
 
     # host copies of small [L] vectors: one sync, after the heavy work
     pos_np = positives.cpu().numpy().astype(np.int64)
@@ -453,7 +495,7 @@ def fit_thresholds(
                 )
         elif rare:
             rates = _prevalence_rates(prevalence, y)
-            prev_thr, k = _prevalence_thresholds(p, y, rates)
+            prev_thr, k = _prevalence_thresholds(s, rates)
             prev_np, k_np = prev_thr.cpu().numpy(), k.cpu().numpy()
             for i in rare:
                 thr_np[i] = prev_np[i]
@@ -467,16 +509,21 @@ def fit_thresholds(
                 f"no positives in the fitting set: kept the default threshold {default:g}"
             )
 
-    at_05 = _metrics(p, y, DEFAULT_THRESHOLD)
-    tuned = _metrics(p, y, thr_np)
+    # F1 at 0.5 and at the final thresholds, read off the sorted scores (O(L log N))
+    import torch
+
+    both = torch.tensor([[DEFAULT_THRESHOLD] * n_labels, thr_np.tolist()], dtype=torch.float64)
+    predicted, tp = s.counts_at(both.t())
+    f1 = _f1_from_counts(tp, predicted, positives.unsqueeze(1).expand_as(tp)).cpu().numpy()
+    f1_at_05, f1_tuned = f1[:, 0].copy(), f1[:, 1].copy()
     return ThresholdResult(
         method=method,
         label_names=names,
         thresholds=thr_np,
-        f1_at_05=at_05["f1"],
-        f1_tuned=tuned["f1"],
-        macro_f1_at_05=at_05["macro_f1"],
-        macro_f1_tuned=tuned["macro_f1"],
+        f1_at_05=f1_at_05,
+        f1_tuned=f1_tuned,
+        macro_f1_at_05=float(f1_at_05.mean()),
+        macro_f1_tuned=float(f1_tuned.mean()),
         positives=pos_np,
         n_samples=int(n),
         notes=notes,

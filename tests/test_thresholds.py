@@ -36,7 +36,7 @@ def make_case(seed: int, n: int, step: float | None, dtype=np.float32):
     y[:, 5] = True  # all positive
     for col, count in ((8, 1), (9, 2), (10, 3)):  # rare labels
         y[:, col] = False
-        y[rng.choice(n, count, replace=False), col] = True
+        y[rng.choice(n, min(count, n), replace=False), col] = True
     signal = rng.uniform(0.0, 0.6, NUM_LABELS)
     p = np.clip(y * signal + rng.random((n, NUM_LABELS)) * (1 - signal), 0.0, 1.0)
     if step is not None:
@@ -77,6 +77,7 @@ def predictions(p: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
         (1, 97, 0.1, np.float64),  # heavier ties, float64 path, odd N
         (2, 61, None, np.float32),  # no rounding: nearly all scores distinct
         (3, 53, None, np.float64),
+        (4, 1, None, np.float32),  # N = 1
     ],
 )
 def test_exact_matches_sklearn_brute_force(seed, n, step, dtype):
@@ -549,20 +550,40 @@ def test_torch_sort_path_matches_numpy_sort_path(monkeypatch, dtype):
 
     p, y = make_case(12, 150, 0.02, dtype)
     pt, yt = thresholds._as_tensors(p, y)
-    vals_np, ys_np = thresholds._sort_desc(pt, yt, backend="numpy")
-    vals_t, ys_t = thresholds._sort_desc(pt, yt, backend="torch")
-    torch.testing.assert_close(vals_np, vals_t, rtol=0, atol=0)
+    by_numpy = thresholds._sort_scores(pt, yt, backend="numpy")
+    by_torch = thresholds._sort_scores(pt, yt, backend="torch")
+    assert torch.equal(by_numpy.keys, by_torch.keys)
     # within a tie group the label order may differ; the counts at each group's end may not
-    group_end = torch.ones_like(ys_np)
-    group_end[:, :-1] = vals_np[:, :-1] != vals_np[:, 1:]
-    tp_np, tp_t = ys_np.long().cumsum(1), ys_t.long().cumsum(1)
-    assert torch.equal(tp_np[group_end], tp_t[group_end])
+    group_end = torch.ones_like(by_numpy.keys, dtype=torch.bool)
+    group_end[:, :-1] = by_numpy.keys[:, :-1] != by_numpy.keys[:, 1:]
+    assert torch.equal(by_numpy.tp[group_end], by_torch.tp[group_end])
 
-    expected = {m: fit_thresholds(p, y, m) for m in ("exact", "prevalence")}
-    original = thresholds._sort_desc
+    expected = {m: fit_thresholds(p, y, m) for m in ("exact", "grid", "prevalence")}
+    original = thresholds._sort_scores
     monkeypatch.setattr(
-        thresholds, "_sort_desc", lambda p, y, backend=None: original(p, y, backend="torch")
+        thresholds, "_sort_scores", lambda p, y, backend=None: original(p, y, backend="torch")
     )
     for method, ref in expected.items():
         got = fit_thresholds(p, y, method)
         np.testing.assert_array_equal(got.thresholds, ref.thresholds)
+        np.testing.assert_array_equal(got.f1_tuned, ref.f1_tuned)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_counts_at_any_threshold_match_direct_counts(dtype):
+    """The binary search in the sorted scores counts exactly what `p >= t` (float64) counts."""
+    import fasthpa.thresholds as thresholds
+
+    p, y = make_case(13, 200, 0.01, dtype)
+    pt, yt = thresholds._as_tensors(p, y)
+    s = thresholds._sort_scores(pt, yt)
+    rng = np.random.default_rng(13)
+    picks = p[rng.integers(0, len(p), 6), rng.integers(0, NUM_LABELS, 6)].astype(np.float64)
+    candidates = [-0.5, -0.0, 0.0, 0.07, 0.5, 1.0, 1.5, *np.arange(101) / 100, *picks]
+    candidates += [float(np.nextafter(dtype(v), dtype(2))) for v in picks]
+    candidates += [float(np.nextafter(dtype(v), dtype(-1))) for v in picks]
+    t = np.array(candidates, dtype=np.float64)
+    predicted, tp = s.counts_at(torch.from_numpy(np.tile(t, (NUM_LABELS, 1))))
+    pred = p.astype(np.float64)[:, :, None] >= t[None, None, :]  # [N, L, M]
+    np.testing.assert_array_equal(predicted.numpy(), pred.sum(0))
+    np.testing.assert_array_equal(tp.numpy(), (pred & (y[:, :, None] == 1)).sum(0))
