@@ -5,9 +5,11 @@ Single process (CPU or one GPU)::
     fasthpa predict --run runs/r18 --data ROOT --out submission.csv
     python -m fasthpa.predict --run runs/r18 --data ROOT --tta dihedral --out submission.csv
 
-Many GPUs (every Id is predicted exactly once over the ranks; rank 0 writes the files)::
+Many GPUs (every Id is predicted exactly once over the ranks; rank 0 writes the files). Spell
+the run flag ``--run-dir`` there: torchrun's own parser rejects ``--run`` anywhere on its command
+line as an ambiguous abbreviation of its ``--run-path``::
 
-    torchrun --nproc_per_node=8 -m fasthpa.predict --run runs/r18 --data ROOT --out submission.csv
+    torchrun --nproc_per_node=8 -m fasthpa.predict --run-dir runs/r18 --data ROOT --out sub.csv
 
 Check that prediction reproduces the trainer (the dev part of the run's split.csv, best.pt)::
 
@@ -200,6 +202,19 @@ class RunInputs:
     """ChannelStats"""
 
 
+def load_run_config(run_dir: str | os.PathLike):
+    """The TrainConfig in RUN_DIR/config.json; a UserError when it is not a run folder."""
+    from fasthpa.config import load_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"--run {run_dir}: run folder not found.")
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{config_path}: not found; --run must be a fasthpa run folder.")
+    return load_config(config_path)
+
+
 def load_run_inputs(
     run_dir: str | os.PathLike, checkpoint: str = "best", thresholds: str | None = None
 ) -> RunInputs:
@@ -209,17 +224,12 @@ def load_run_inputs(
     Every problem is a UserError naming the file.
     """
     from fasthpa.checkpoint import load_checkpoint, load_latest
-    from fasthpa.config import load_config
     from fasthpa.data.stats import load_stats
     from fasthpa.thresholds import load_thresholds
 
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"--run {run_dir}: run folder not found.")
+    cfg = load_run_config(run_dir)
     config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{config_path}: not found; --run must be a fasthpa run folder.")
-    cfg = load_config(config_path)
     stats = load_stats(run_dir / "channel_stats.json")
     thr_path = Path(thresholds) if thresholds else run_dir / "thresholds.json"
     if not thr_path.is_file():
@@ -489,32 +499,60 @@ def predict(
             cleanup(info)
 
 
-def _predict(
-    info, run_dir, data_root, split, checkpoint, ids_csv, tta, at_least_one, out,
-    part, thresholds, packed, batch_size, workers, loader_backend, progress,
-) -> PredictResult | None:  # fmt: skip
+@dataclass
+class Predictor:
+    """A run's model and a loader over the chosen rows, ready to predict with any views.
+
+    Build with :func:`build_predictor`; ``predictor.probs(views)`` gives (rows, probs) on rank 0.
+    """
+
+    model: Any
+    loader: Any
+    info: Any
+    """DistInfo"""
+    n_rows: int
+    amp: Any
+    """torch dtype of the autocast, or None"""
+    channels_last: bool
+
+    def autocast(self):
+        import torch
+
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.info.device.type, dtype=self.amp)
+
+    def probs(
+        self, views: Sequence[View] = (IDENTITY,), progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """(rows, probs float32 [N, 28]) on rank 0, None elsewhere; see predict_probs_tta."""
+        return predict_probs_tta(
+            self.model, self.loader, self.info, self.n_rows, views, self.autocast,
+            self.channels_last, progress,
+        )  # fmt: skip
+
+
+def build_predictor(
+    run: RunInputs,
+    rows: Rows,
+    info: DistInfo,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    backend: str = "auto",
+) -> Predictor:
+    """The run's model (eval, on ``info.device``) and an eval loader over ``rows`` for this rank.
+
+    ``batch_size`` and ``workers`` default to the run's config.
+    """
     import torch
 
     from fasthpa.data.loader import AugmentConfig, build_loader
     from fasthpa.model import build_model
     from fasthpa.train import amp_dtype
 
-    views = resolve_views(tta)
-    if batch_size is not None and batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be at least 1.")
-    if workers is not None and workers < 0:
-        raise UserError(f"--workers {workers}: must be >= 0.")
-    out = Path(out)
-    if out.suffix.lower() != ".csv":
-        raise UserError(f"--out {out}: the submission must be a .csv file.")
-    # every rank validates the same inputs, so a bad one stops all ranks alike (no rank hangs)
-    run = load_run_inputs(run_dir, checkpoint, thresholds)
     cfg = run.config
-    in_channels = 4 if cfg.data.channels == "rgby" else 3
-    rows = select_rows(data_root, split, ids_csv, part, run_dir, in_channels, packed)
     dev = info.device
     amp = amp_dtype(cfg, dev)
-
     loader = build_loader(
         rows.source,
         np.arange(len(rows.ids)),
@@ -531,12 +569,12 @@ def _predict(
         world_size=info.world_size,
         seed=cfg.run.seed,
         workers=cfg.data.workers if workers is None else workers,
-        backend=loader_backend,
+        backend=backend,
     )
     model, _ = build_model(
         cfg.model.arch,
         num_classes=NUM_LABELS,
-        in_channels=in_channels,
+        in_channels=4 if cfg.data.channels == "rgby" else 3,
         pretrained="none",
         head=cfg.model.head,
         dropout=cfg.model.dropout,
@@ -546,19 +584,34 @@ def _predict(
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0][:160]
         raise UserError(f"{run.checkpoint_path}: the model state does not fit ({first}).") from None
-    model.to(dev)
+    model.to(dev).eval()
     if cfg.speed.channels_last:
         model.to(memory_format=torch.channels_last)
+    return Predictor(model, loader, info, len(rows.ids), amp, cfg.speed.channels_last)
 
-    def autocast():
-        if amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=dev.type, dtype=amp)
+
+def _predict(
+    info, run_dir, data_root, split, checkpoint, ids_csv, tta, at_least_one, out,
+    part, thresholds, packed, batch_size, workers, loader_backend, progress,
+) -> PredictResult | None:  # fmt: skip
+    views = resolve_views(tta)
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1.")
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers {workers}: must be >= 0.")
+    out = Path(out)
+    if out.suffix.lower() != ".csv":
+        raise UserError(f"--out {out}: the submission must be a .csv file.")
+    # every rank validates the same inputs, so a bad one stops all ranks alike (no rank hangs);
+    # the Ids first: that check is cheap, the checkpoint's integrity digest is not
+    cfg = load_run_config(run_dir)
+    in_channels = 4 if cfg.data.channels == "rgby" else 3
+    rows = select_rows(data_root, split, ids_csv, part, run_dir, in_channels, packed)
+    run = load_run_inputs(run_dir, checkpoint, thresholds)
+    predictor = build_predictor(run, rows, info, batch_size, workers, loader_backend)
 
     t0 = time.perf_counter()
-    got = predict_probs_tta(
-        model, loader, info, len(rows.ids), views, autocast, cfg.speed.channels_last, progress
-    )
+    got = predictor.probs(views, progress)
     seconds = time.perf_counter() - t0
     if not info.is_main:
         return None
@@ -606,7 +659,14 @@ def write_outputs(result: PredictResult) -> None:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, metavar="RUN_DIR", help="the trained run folder")
+    parser.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        metavar="RUN_DIR",
+        help="the trained run folder (spell it --run-dir under torchrun)",
+    )
     parser.add_argument(
         "--data", required=True, metavar="ROOT", help="dataset root in the Kaggle layout"
     )
