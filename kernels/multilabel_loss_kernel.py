@@ -9,13 +9,14 @@ Imported lazily by ``fasthpa.kernels.multilabel_loss`` the first time the Triton
                                         reduction="mean", compute_grad=True)
 
 On a CPU tensor the kernel runs under the Triton interpreter (numpy, slow; for tests). That
-happens whether or not ``TRITON_INTERPRET=1`` was set before this module was imported: when it
-was not, the kernel's Python source is wrapped in the interpreter here, so test order in one
-pytest process does not matter.
+happens whether or not ``TRITON_INTERPRET=1`` was set before triton was first imported: when it
+was not, a second copy of this module is executed with the interpreter switched on, for this
+kernel only (see ``_interpreted_kernel``), so test order in one pytest process does not matter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 
@@ -23,14 +24,15 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+# tl.sum's own combine function: tl.reduce with it is tl.sum, and the interpreter recognises it
+# (see step 7 of the kernel). Private to triton.language; an ImportError here would be loud.
 from triton.language.standard import _sum_combine
 
 # Elements per program. The loss is memory-bound and [8192, 28] is only 229k elements, so a
 # moderate block keeps enough programs in flight on a big GPU; 4 warps x 32 lanes x 8 elements.
 BLOCK = 1024
 NUM_WARPS = 4
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -232,28 +234,31 @@ def multilabel_loss_triton(
     w = weight.contiguous() if weight is not None else x
     pw = pos_weight.contiguous() if pos_weight is not None else x
 
-    _kernel_for(x.device)[(n_programs,)](
-        x,
-        y,
-        w,
-        pw,
-        out,
-        grad if compute_grad else x,
-        n_elements,
-        n_labels,
-        float(gamma),
-        float(alpha) if alpha is not None else 0.0,
-        1.0 if gamma == 0 else 0.0,
-        scale,
-        FOCAL=focal,
-        REPORT_VARIANT=report_variant,
-        HAS_WEIGHT=weight is not None,
-        HAS_POS_WEIGHT=pos_weight is not None,
-        HAS_ALPHA=alpha is not None,
-        REDUCE=reduce,
-        COMPUTE_GRAD=compute_grad,
-        BLOCK_SIZE=BLOCK,
-        num_warps=NUM_WARPS,
-    )
+    # Triton launches on the current CUDA device; make it the tensors' one.
+    device_guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with device_guard:
+        _kernel_for(x.device)[(n_programs,)](
+            x,
+            y,
+            w,
+            pw,
+            out,
+            grad if compute_grad else x,
+            n_elements,
+            n_labels,
+            float(gamma),
+            float(alpha) if alpha is not None else 0.0,
+            1.0 if gamma == 0 else 0.0,
+            scale,
+            FOCAL=focal,
+            REPORT_VARIANT=report_variant,
+            HAS_WEIGHT=weight is not None,
+            HAS_POS_WEIGHT=pos_weight is not None,
+            HAS_ALPHA=alpha is not None,
+            REDUCE=reduce,
+            COMPUTE_GRAD=compute_grad,
+            BLOCK_SIZE=BLOCK,
+            num_warps=NUM_WARPS,
+        )
     loss = out.sum().to(x.dtype) if reduce else out
     return loss, grad
