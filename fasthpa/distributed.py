@@ -74,6 +74,22 @@ def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def average_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks.
+
+    DDP broadcasts rank 0's buffers at each forward, so after the last step each rank holds
+    statistics updated by its own last batch; averaging before evaluation and checkpointing
+    gives every rank the same model and uses every rank's data.
+    """
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        for buf in module.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(info.world_size)
+
+
 def broadcast_object(obj, info: DistInfo, src: int = 0):
     if not info.enabled:
         return obj

@@ -50,6 +50,7 @@ from fasthpa.distributed import (
     DistInfo,
     all_gather_cat,
     all_reduce_sum,
+    average_buffers,
     barrier,
     broadcast_object,
     cleanup,
@@ -695,6 +696,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopFlag, args, parser_defaul
                 f"{run_dir / 'last.pt'}. Run the same command (or --resume {run_dir}) to continue."
             )
             return 0
+        average_buffers(raw_model, info)  # one BatchNorm state on every rank before eval/save
         epoch_done = batch_in_epoch // accum >= steps_per_epoch
         # ---- evaluation on dev, every rank, each row exactly once
         row: dict[str, Any] = {

@@ -190,8 +190,12 @@ def test_compiled_path_runs_on_cpu(synth_root, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_ranks_match_one_process_with_accumulation(synth_root, tmp_path):
     """2 ranks x batch 4 over gloo == 1 process x batch 4 x 2 accumulated micro-batches: the same
-    global batches in the same order, so the same weights (BatchNorm statistics are per
-    micro-batch in both)."""
+    global batches in the same order, so the same weights.
+
+    BatchNorm normalises per micro-batch in both runs, so every parameter agrees. The running
+    statistics (buffers, used only in eval mode) cannot: one process folds both micro-batches into
+    its moving average one after the other, DDP averages the ranks' averages; so the dev
+    probabilities are compared for coverage (each row exactly once), not value."""
     common = tiny_args(synth_root, tmp_path / "x", "--epochs", "1", "--batch-size", "4")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -213,13 +217,11 @@ def test_torchrun_two_ranks_match_one_process_with_accumulation(synth_root, tmp_
         torch.testing.assert_close(
             a["model"][name], b["model"][name], rtol=1e-4, atol=1e-5, msg=name
         )
-    # evaluation saw every dev row exactly once on 2 ranks: identical dev probabilities
-    da, db = (
-        np.load(tmp_path / "ddp" / "dev_probs.npz"),
-        np.load(tmp_path / "one" / "dev_probs.npz"),
-    )
+    # evaluation on 2 ranks saw every dev row exactly once
+    da = np.load(tmp_path / "ddp" / "dev_probs.npz")
+    db = np.load(tmp_path / "one" / "dev_probs.npz")
     assert da["ids"].tolist() == db["ids"].tolist()
-    np.testing.assert_allclose(da["probs"], db["probs"], atol=1e-4)
+    assert len(set(da["ids"].tolist())) == len(da["ids"]) and da["probs"].shape == db["probs"].shape
 
 
 def _module_from(state: dict) -> torch.nn.Module:
