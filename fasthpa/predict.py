@@ -684,13 +684,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--part",
         default=None,
         choices=PARTS,
-        help="with --split train: only this part of RUN_DIR/split.csv (default: all of train.csv)",
+        help="with --split train: only this part of RUN_DIR/split.csv; None: all of train.csv",
     )
     parser.add_argument(
         "--ids",
         default=None,
         metavar="CSV",
-        help="the Ids and their order (default: ROOT/sample_submission.csv, or train.csv)",
+        help="the Ids and their order; None: ROOT/sample_submission.csv, or train.csv",
     )
     parser.add_argument(
         "--tta", default="none", choices=tuple(TTA_VIEWS), help="average over these views"
@@ -702,16 +702,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="give a row with no label above its threshold its arg-max label",
     )
     parser.add_argument(
-        "--thresholds", default=None, metavar="PATH", help="default: RUN_DIR/thresholds.json"
+        "--thresholds", default=None, metavar="PATH", help="None: RUN_DIR/thresholds.json"
     )
     parser.add_argument(
         "--packed", default=None, metavar="DIR", help="read the split's pixels from this pack"
     )
+    parser.add_argument("--batch-size", type=int, default=None, help="per device; None: the run's")
     parser.add_argument(
-        "--batch-size", type=int, default=None, help="per device (default: the run's)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="loader workers per rank (default: the run's)"
+        "--workers", type=int, default=None, help="loader workers per rank; None: the run's"
     )
     parser.add_argument(
         "--loader",
