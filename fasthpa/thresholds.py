@@ -14,6 +14,11 @@ Python (numpy arrays or torch tensors, [N, L]; runs on the GPU when the tensors 
     result.thresholds, result.f1_tuned, result.macro_f1_tuned   # numpy [L], numpy [L], float
     write_thresholds_json("thresholds.json", result)
     per_label_metrics(probs, labels, result.thresholds)["macro_f1"]
+    apply_thresholds(test_probs, load_thresholds("thresholds.json"))  # bool [N, L]
+
+How: one sort per label (integer keys: numpy's SIMD argsort on the CPU, torch.sort on the GPU)
+and a cumulative count of true positives give TP and predicted positives at any threshold, so
+every method, the rare-label rules and the F1 before and after all come from that one sort.
 
 Methods, all predicting a label positive when its score is >= its threshold:
 
@@ -203,6 +208,23 @@ def per_label_metrics(probs: Any, labels: Any, thresholds: Any) -> dict[str, Any
     """
     p, y = _as_tensors(probs, labels)
     return _metrics(p, y, thresholds)
+
+
+def apply_thresholds(probs: Any, thresholds: Any) -> np.ndarray:
+    """Multi-hot predictions, bool [N, L]: ``probs >= thresholds`` decided exactly as the fit
+    decided it (a float32 score against a float64 threshold is compared in float64, never by
+    rounding the threshold to float32). ``probs`` numpy or torch; ``thresholds`` a float or [L].
+
+        keep = apply_thresholds(test_probs, load_thresholds(run_dir / "thresholds.json"))
+    """
+    import torch
+
+    p = probs if isinstance(probs, torch.Tensor) else _from_numpy(probs)
+    if p.ndim != 2 or not p.is_floating_point():
+        raise ValueError(f"probabilities must be a float [N, L] array, got {tuple(p.shape)}")
+    if p.dtype != torch.float64:
+        p = p.to(torch.float32)
+    return _predict(p, _thresholds_tensor(thresholds, p.shape[1], p.device)).cpu().numpy()
 
 
 def _metrics(p: torch.Tensor, y: torch.Tensor, thresholds: Any) -> dict[str, Any]:
@@ -453,6 +475,7 @@ def fit_thresholds(
         r = fit_thresholds(dev_probs, dev_labels)                      # exact
         r = fit_thresholds(dev_probs, dev_labels, rare_below=10, rare_rule="prevalence")
     """
+    import torch
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -462,6 +485,8 @@ def fit_thresholds(
         raise ValueError(f"shrink must lie in [0, 1], got {shrink}")
     if rare_below < 0:
         raise ValueError(f"rare_below must be >= 0, got {rare_below}")
+    if not math.isfinite(default):
+        raise ValueError(f"default must be a finite threshold, got {default}")
 
     p, y = _as_tensors(probs, labels)
     n, n_labels = p.shape
@@ -510,8 +535,6 @@ def fit_thresholds(
             )
 
     # F1 at 0.5 and at the final thresholds, read off the sorted scores (O(L log N))
-    import torch
-
     both = torch.tensor([[DEFAULT_THRESHOLD] * n_labels, thr_np.tolist()], dtype=torch.float64)
     predicted, tp = s.counts_at(both.t())
     f1 = _f1_from_counts(tp, predicted, positives.unsqueeze(1).expand_as(tp)).cpu().numpy()

@@ -17,6 +17,7 @@ from fasthpa.cli import main
 from fasthpa.errors import UserError
 from fasthpa.labels import KAGGLE_TRAIN_COUNTS, KAGGLE_TRAIN_SAMPLES, LABEL_NAMES, NUM_LABELS
 from fasthpa.thresholds import (
+    apply_thresholds,
     fit_thresholds,
     load_thresholds,
     per_label_metrics,
@@ -119,8 +120,10 @@ def test_exact_threshold_is_midpoint_to_next_lower_score():
 
 
 def test_exact_midpoint_between_adjacent_floats_falls_back_to_the_cut_score():
-    hi = np.float32(0.5)
-    lo = np.nextafter(hi, np.float32(0))  # no float32 strictly between the two
+    # no float32 strictly between the two, and their midpoint rounds (to even) onto lo
+    lo = np.float32(0.5)
+    hi = np.nextafter(lo, np.float32(1))
+    assert np.float32((np.float64(hi) + np.float64(lo)) / 2) == lo
     p = np.array([[hi], [lo]], dtype=np.float32)
     result = fit_thresholds(p, np.array([[1], [0]]), label_names=["x"])
     assert result.thresholds[0] == float(hi)
@@ -299,6 +302,19 @@ def test_per_label_metrics_match_sklearn(as_torch):
     )
     scalar = per_label_metrics(p, y, 0.5)
     np.testing.assert_array_equal(scalar["predicted"], (p >= 0.5).sum(0))
+    np.testing.assert_array_equal(apply_thresholds(args[0], thr), pred)
+
+
+def test_apply_thresholds_compares_float32_scores_in_float64():
+    # float32(0.7) = 0.69999998...: below the threshold 0.7, although equal to it in float32
+    p = np.array([[np.float32(0.7)], [np.float32(0.75)]], dtype=np.float32)
+    assert np.float32(0.7) >= np.float32(0.7) and float(np.float32(0.7)) < 0.7
+    np.testing.assert_array_equal(apply_thresholds(p, [0.7])[:, 0], [False, True])
+    np.testing.assert_array_equal(apply_thresholds(torch.from_numpy(p), 0.7)[:, 0], [False, True])
+    # the fit agrees: the grid threshold 0.70 leaves out the float32(0.7) score, so it already
+    # reaches F1 = 1 (rounded to float32 it would not, and 0.71 would win)
+    result = fit_thresholds(p, np.array([[0], [1]]), "grid", label_names=["x"])
+    assert result.thresholds[0] == 0.7 and result.f1_tuned[0] == 1.0
 
 
 def test_thresholds_json_round_trip(tmp_path):
