@@ -451,8 +451,8 @@ def _make_scene(size: int, rng: np.random.Generator, mitotic: bool) -> _Scene:
     # 3. per-cell properties that several stains or motifs share
     scene.per_cell = {
         "expr": np.where(rng.random(k) < 0.12, rng.uniform(0.05, 0.25, k), rng.uniform(0.5, 1, k)),
-        "n_fibres": rng.integers(22, 40, k).astype(_F),
-        "bend": rng.uniform(-1.2, 1.2, k).astype(_F),
+        "n_fibres": rng.integers(28, 48, k).astype(_F),
+        "bend": rng.uniform(-0.4, 0.4, k).astype(_F),
         "actin_dir": rng.uniform(0, np.pi, k).astype(_F),
         "actin_period": (r * rng.uniform(0.16, 0.26, k)).astype(_F),
         "actin_off": rng.uniform(0, 1, k).astype(_F),
@@ -497,9 +497,9 @@ def _fibres(sc: _Scene, rng: np.random.Generator) -> np.ndarray:
         rng, sc.size, [(float(sc.r.mean()), False), (float(sc.r.mean()) * 0.3, False)]
     )
     n = sc.g("n_fibres")
-    ang = sc.theta + sc.g("bend") * sc.rho + 0.25 * wobble
+    ang = sc.theta + sc.g("bend") * sc.rho + 0.04 * wobble
     spacing = np.maximum(2 * np.pi * sc.rho * sc.r_px / n, 0.5)
-    f = _lines(ang * n / (2 * np.pi), spacing, np.maximum(0.55, 0.025 * sc.r_px))
+    f = _lines(ang * n / (2 * np.pi), spacing, np.maximum(0.55, 0.018 * sc.r_px))
     return f * np.clip(0.6 + 0.4 * vary, 0.0, 1.0) * sc.cell_soft
 
 
