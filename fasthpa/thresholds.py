@@ -827,6 +827,8 @@ def _align(probs: _Table, labels: _Table) -> np.ndarray:
 def _read_prevalence(spec: str, n_labels: int) -> Any:
     if spec in ("fit", "kaggle"):
         return spec
+    if not Path(spec).is_file():
+        raise UserError(f"--prevalence must be fit, kaggle or a train.csv-style file: {spec!r}.")
     ids, y = _read_targets_csv(spec, n_labels)
     if not ids:
         raise UserError(f"--prevalence {spec} lists no samples.")

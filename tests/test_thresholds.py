@@ -416,6 +416,26 @@ def test_cli_npz_csv_and_npy_inputs_agree(tmp_path, capsys):
     assert c["thresholds"] == ref.thresholds.tolist()
     assert c["options"]["prevalence"] == "kaggle"
 
+    # prevalence rates from a train.csv-style file (its 75 rows: ours plus the 5 extra)
+    assert (
+        run_cli(
+            "--probs",
+            tmp_path / "dev_probs.npz",
+            "--method",
+            "prevalence",
+            "--prevalence",
+            tmp_path / "train.csv",
+            "--out",
+            tmp_path / "d.json",
+        )
+        == 0
+    )
+    rates = np.concatenate([y, np.ones((5, NUM_LABELS), np.uint8)]).mean(0)
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert (
+        d["thresholds"] == fit_thresholds(p, y, "prevalence", prevalence=rates).thresholds.tolist()
+    )
+
 
 def expect_user_error(capsys, *argv, match: str) -> str:
     with pytest.raises(SystemExit) as e:
@@ -542,6 +562,20 @@ def test_cli_errors_name_the_file_and_row(tmp_path, capsys):
         "--out",
         out,
         match="row 2 (Id s0) column '27'",
+    )
+    expect_user_error(
+        capsys,
+        "--probs",
+        tmp_path / "dev.npz",
+        "--labels",
+        tmp_path / "y.npy",
+        "--method",
+        "prevalence",
+        "--prevalence",
+        "train",
+        "--out",
+        out,
+        match="--prevalence must be",
     )
     assert not out.exists()
 
