@@ -676,6 +676,8 @@ def print_tables(result: dict) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # a log file: keep every column readable
+        console = Console(width=200)
     console.print(_header(result))
     t = Table(title="ladder: model only (inputs on device) and end to end (real loader)")
     for _, title in LADDER_COLUMNS:
