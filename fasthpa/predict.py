@@ -135,12 +135,13 @@ def resolve_views(tta: str | Sequence[View]) -> tuple[View, ...]:
 
 
 def assign_labels(probs: np.ndarray, thresholds: np.ndarray, at_least_one: bool) -> np.ndarray:
-    """bool [N, L]: label l predicted when probs[:, l] >= thresholds[l] (compared in float64,
-    the rule of fasthpa.thresholds); with ``at_least_one`` a row with none gets its arg-max
-    (the first on ties)."""
+    """bool [N, L]: label l predicted when probs[:, l] >= thresholds[l] (decided exactly as the
+    threshold fit decided it: fasthpa.thresholds.apply_thresholds); with ``at_least_one`` a row
+    with none gets its arg-max (the first on ties)."""
+    from fasthpa.thresholds import apply_thresholds
+
     probs = np.asarray(probs)
-    thr = np.asarray(thresholds, dtype=np.float64)
-    predicted = probs.astype(np.float64) >= thr[None, :]
+    predicted = np.array(apply_thresholds(probs, thresholds), dtype=bool)
     if at_least_one and len(probs):
         empty = ~predicted.any(axis=1)
         predicted[empty, probs[empty].argmax(axis=1)] = True
@@ -740,7 +741,7 @@ def run(args: argparse.Namespace) -> int:
 def _print_summary(result: PredictResult, args: argparse.Namespace) -> None:
     n = len(result.ids)
     per_row = result.predicted.sum(axis=1)
-    above = (result.probs.astype(np.float64) >= result.thresholds).any(axis=1)
+    above = assign_labels(result.probs, result.thresholds, at_least_one=False).any(axis=1)
     line = (
         f"wrote {result.submission_path} ({n} rows, {per_row.mean():.2f} labels per row, "
         f"{int((~above).sum())} rows with no label above its threshold"
