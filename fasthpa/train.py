@@ -226,7 +226,7 @@ def resolve_config(
 
 def prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> DataParts:
     """The split (kept in the run folder), the pixel source and the channel statistics."""
-    from fasthpa.data.dataset import load_split, missing_files
+    from fasthpa.data.dataset import load_split
     from fasthpa.data.loader import open_source
     from fasthpa.data.splits import (
         fold_split,
@@ -238,13 +238,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> DataParts:
     from fasthpa.data.stats import compute_channel_stats, load_stats, save_stats
 
     split = load_split(cfg.data.data, "train")
-    if info.is_main and not cfg.data.packed:
-        missing = missing_files(split)
-        if missing:
-            raise UserError(
-                f"{split.image_dir}: {len(missing)} channel file(s) missing (first: {missing[0].name}); "
-                f"run `fasthpa check {cfg.data.data}` for details."
-            )
+    # open_source checks that every channel file exists (4-file layout) or the pack covers the ids
     source = open_source(cfg.data.data, "train", cfg.data.packed)
     split_path = run_dir / "split.csv"
     if split_path.exists():
