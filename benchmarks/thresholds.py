@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 from common import markdown_table, time_fn, write_results
+from sklearn.metrics import f1_score, precision_recall_curve  # imported here, not in a timing
 
 from fasthpa.labels import KAGGLE_TRAIN_COUNTS, KAGGLE_TRAIN_SAMPLES, NUM_LABELS
 
@@ -47,8 +48,6 @@ def make_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def sklearn_loop(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The usual exact way: one precision_recall_curve per label."""
-    from sklearn.metrics import precision_recall_curve
-
     thresholds = np.full(p.shape[1], 0.5)
     best = np.zeros(p.shape[1])
     for label in range(p.shape[1]):
@@ -63,8 +62,6 @@ def sklearn_loop(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def python_grid(p: np.ndarray, y: np.ndarray) -> np.ndarray:
     """What most public kernels did: scikit-learn F1 of every label at each 0.01 step."""
-    from sklearn.metrics import f1_score
-
     grid = np.arange(101) / 100
     scores = np.stack([f1_score(y, p >= t, average=None, zero_division=0) for t in grid])
     return grid[scores.argmax(0)]
