@@ -361,69 +361,6 @@ def select_rows(
 # ---------------------------------------------------------------------------- prediction
 
 
-def predict_probs_tta(
-    model: torch.nn.Module,
-    loader,
-    info: DistInfo,
-    n_rows: int,
-    views: Sequence[View],
-    autocast,
-    channels_last: bool = True,
-    progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Mean sigmoid probability over ``views`` for every row of ``loader`` exactly once, gathered
-    on rank 0: (rows, probs float32 [len(rows), 28]) sorted by row there, None on other ranks.
-
-    One view (identity) computes exactly what the trainer's ``predict_probs`` does.
-    """
-    import torch
-
-    from fasthpa.distributed import all_gather_cat
-
-    model.eval()
-    device = info.device
-    probs, index = [], []
-    bar = _progress_bar(len(loader)) if progress and info.is_main else None
-    with torch.inference_mode():
-        for x, _, idx in loader:
-            total = None
-            for view in views:
-                v = view(x)
-                if channels_last:  # a transposed view is no longer channels_last; flips are
-                    v = v.contiguous(memory_format=torch.channels_last)
-                with autocast():
-                    logits = model(v)
-                p = torch.sigmoid(logits.float())
-                total = p if total is None else total + p
-            probs.append(total / len(views) if len(views) > 1 else total)
-            index.append(idx)
-            if bar is not None:
-                bar.advance(bar.task_ids[0])
-    if bar is not None:
-        bar.stop()
-    p = torch.cat(probs) if probs else torch.zeros((0, NUM_LABELS), device=device)
-    i = torch.cat(index) if index else torch.zeros((0,), dtype=torch.long, device=device)
-    if info.enabled:  # ranks may hold different counts: pad to the largest, then gather
-        counts = all_gather_cat(torch.tensor([len(i)], device=device), info)
-        pad = int(counts.max()) - len(i)
-        p = torch.cat([p, torch.zeros((pad, p.shape[1]), device=device)])
-        i = torch.cat([i, torch.full((pad,), -1, dtype=torch.long, device=device)])
-        p, i = all_gather_cat(p, info), all_gather_cat(i, info)
-    if not info.is_main:
-        return None
-    p, i = p.cpu().numpy(), i.cpu().numpy()
-    keep = i >= 0
-    p, i = p[keep], i[keep]
-    order = np.argsort(i, kind="stable")
-    p, i = p[order], i[order]
-    if len(np.unique(i)) != len(i) or len(i) != n_rows:
-        raise RuntimeError(
-            f"prediction saw {len(i)} outputs for {len(np.unique(i))} distinct rows, expected "
-            f"{n_rows} rows exactly once"
-        )
-    return i, p.astype(np.float32)
-
-
 def _progress_bar(total: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -526,11 +463,19 @@ class Predictor:
     def probs(
         self, views: Sequence[View] = (IDENTITY,), progress: bool = False
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """(rows, probs float32 [N, 28]) on rank 0, None elsewhere; see predict_probs_tta."""
-        return predict_probs_tta(
-            self.model, self.loader, self.info, self.n_rows, views, self.autocast,
-            self.channels_last, progress,
-        )  # fmt: skip
+        """(rows, probs float32 [N, 28]) on rank 0, None elsewhere (fasthpa.evaluate)."""
+        from fasthpa.evaluate import predict_probs
+
+        bar = _progress_bar(len(self.loader)) if progress and self.info.is_main else None
+        try:
+            return predict_probs(
+                self.model, self.loader, self.info, self.n_rows, self.autocast, views=views,
+                channels_last=self.channels_last,
+                on_batch=(lambda: bar.advance(bar.task_ids[0])) if bar is not None else None,
+            )  # fmt: skip
+        finally:
+            if bar is not None:
+                bar.stop()
 
 
 def build_predictor(

@@ -48,7 +48,6 @@ from fasthpa.config import (
 )
 from fasthpa.distributed import (
     DistInfo,
-    all_gather_cat,
     all_reduce_sum,
     average_buffers,
     barrier,
@@ -57,6 +56,7 @@ from fasthpa.distributed import (
     init_distributed,
 )
 from fasthpa.errors import UserError, exit_on_user_error
+from fasthpa.evaluate import predict_probs
 from fasthpa.io import atomic_write_json, atomic_write_text
 from fasthpa.labels import NUM_LABELS
 
@@ -214,11 +214,21 @@ def resolve_config(
         return cfg, out, False
     saved = load_config(out / "config.json").to_dict()
     given = cfg.to_dict()
-    for section, name in RESUME_OVERRIDES:
-        key = f"{section}.{name}"
-        if args is None or parser_defaults.get(key, object()) != given[section][name]:
-            if given[section][name] not in (None, ""):
-                saved[section][name] = given[section][name]
+    ignored = []
+    for section, fields in given.items():
+        for name, value in fields.items():
+            explicit = args is None or parser_defaults.get(f"{section}.{name}", object()) != value
+            if not explicit or value in (None, "") or name in ("out", "resume"):
+                continue
+            if (section, name) in RESUME_OVERRIDES:
+                saved[section][name] = value
+            elif args is not None and value != saved[section][name]:
+                ignored.append(f"--{name.replace('_', '-')}")
+    if ignored and int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"warning: resuming {out} with its saved config.json; ignoring changed "
+            f"{', '.join(sorted(ignored))} (start a new --out to change them)."
+        )
     saved["run"]["out"] = str(out)
     saved["run"]["resume"] = None
     return TrainConfig.from_dict(saved), out, True
@@ -344,51 +354,6 @@ def train_step(
 # ---------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def predict_probs(
-    model: nn.Module, loader, info: DistInfo, n_rows: int, autocast
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Probabilities for every row of ``loader`` exactly once, gathered on rank 0.
-
-    Returns (rows, probs[len(rows), 28]) sorted by row on rank 0, None on other ranks. Padding
-    entries (index -1) are dropped; a row seen twice or never is an error, not a silent skew.
-    """
-    was_training = model.training
-    model.eval()
-    probs, index = [], []
-    for x, _, idx in loader:
-        with autocast():
-            logits = model(x)
-        probs.append(torch.sigmoid(logits.float()))
-        index.append(idx)
-    device = info.device
-    p = torch.cat(probs) if probs else torch.zeros((0, NUM_LABELS), device=device)
-    i = torch.cat(index) if index else torch.zeros((0,), dtype=torch.long, device=device)
-    if info.enabled:  # ranks may hold different counts: pad to the largest, then gather
-        count = torch.tensor([len(i)], device=device)
-        counts = all_gather_cat(count, info)
-        most = int(counts.max())
-        pad = most - len(i)
-        p = torch.cat([p, torch.zeros((pad, p.shape[1]), device=device)])
-        i = torch.cat([i, torch.full((pad,), -1, dtype=torch.long, device=device)])
-        p, i = all_gather_cat(p, info), all_gather_cat(i, info)
-    if was_training:
-        model.train()
-    if not info.is_main:
-        return None
-    p, i = p.cpu().numpy(), i.cpu().numpy()
-    keep = i >= 0
-    p, i = p[keep], i[keep]
-    order = np.argsort(i, kind="stable")
-    p, i = p[order], i[order]
-    if len(np.unique(i)) != len(i) or len(i) != n_rows:
-        raise RuntimeError(
-            f"evaluation saw {len(i)} predictions for {len(np.unique(i))} distinct rows, expected "
-            f"{n_rows} rows exactly once"
-        )
-    return i, p.astype(np.float32)
-
-
 def dev_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Macro F1 at 0.5 and with per-label thresholds fitted on these probabilities."""
     from fasthpa.thresholds import fit_thresholds, per_label_metrics
@@ -456,7 +421,8 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopFlag, args, parser_defaul
         backend=cfg.data.loader,
     )
     train_loader = build_loader(data.source, data.train_idx, train=True, augment=augment, **common)
-    dev_loader = build_loader(data.source, data.dev_idx, train=False, **common)
+    # eval loaders take the augment config only for its centre crop (eval never flips)
+    dev_loader = build_loader(data.source, data.dev_idx, train=False, augment=augment, **common)
 
     # ---- model: built and (if asked) pretrained-loaded on every rank from the same file
     pretrained = cfg.model.pretrained
@@ -745,7 +711,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopFlag, args, parser_defaul
         if len(data.test_idx) and (run_dir / "best.pt").exists():
             best = load_checkpoint(run_dir / "best.pt")
             raw_model.load_state_dict(best["model"])
-            final |= _test_metrics(raw_model, data, common, run_dir, autocast)
+            final |= _test_metrics(raw_model, data, common, run_dir, autocast, augment)
         atomic_write_json(run_dir / "final_metrics.json", final)
         say(
             f"done: best dev macro F1 (tuned) {best_f1:.4f}"
@@ -779,15 +745,16 @@ def _write_dev_outputs(
     write_thresholds_json(run_dir / "thresholds.json", fit)
 
 
-def _test_metrics(model, data: DataParts, common: dict, run_dir: Path, autocast) -> dict:
+def _test_metrics(model, data: DataParts, common: dict, run_dir: Path, autocast, augment) -> dict:
     """Macro F1 on the split's test part, at 0.5 and with the thresholds fitted on dev."""
     from fasthpa.data.loader import build_loader
     from fasthpa.thresholds import load_thresholds, per_label_metrics
 
     single = DistInfo(rank=0, world_size=1, local_rank=0, device=common["device"])
     loader = build_loader(
-        data.source, data.test_idx, train=False, **(common | {"rank": 0, "world_size": 1})
-    )
+        data.source, data.test_idx, train=False, augment=augment,
+        **(common | {"rank": 0, "world_size": 1}),
+    )  # fmt: skip
     rows, probs = predict_probs(model, loader, single, len(data.test_idx), autocast)
     labels = data.targets[rows]
     at05 = per_label_metrics(probs, labels, 0.5)

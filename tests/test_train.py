@@ -230,3 +230,20 @@ def _module_from(state: dict) -> torch.nn.Module:
     model, _ = build_model(state["arch"], in_channels=state["in_channels"], pretrained="none")
     model.load_state_dict(state["model"])
     return model
+
+
+def test_resume_keeps_saved_config_and_names_ignored_flags(tmp_path, capsys):
+    from fasthpa.config import add_config_arguments, config_from_args, save_config
+
+    parser = __import__("argparse").ArgumentParser()
+    add_config_arguments(parser)
+    defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    run = tmp_path / "run"
+    first = config_from_args(parser.parse_args(["--data", "d", "--out", str(run), "--lr", "0.01"]))
+    save_config(run / "config.json", first)
+    (run / "last.pt").write_bytes(b"placeholder")  # resolve_config only looks for the name
+    args = parser.parse_args(["--data", "d", "--out", str(run), "--lr", "0.5", "--epochs", "20"])
+    cfg, out, resuming = train_mod.resolve_config(config_from_args(args), args, defaults)
+    assert resuming and out == run
+    assert cfg.optim.lr == 0.01 and cfg.run.epochs == 20  # saved lr kept, epochs may grow
+    assert "ignoring changed --lr" in capsys.readouterr().out

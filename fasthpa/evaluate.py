@@ -1,0 +1,76 @@
+"""Probabilities for every row of an eval loader exactly once, gathered on rank 0.
+
+Used by the trainer's dev/test evaluation and by `fasthpa predict` (with test-time augmentation
+views), so both put predictions back in dataset order the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fasthpa.distributed import DistInfo, all_gather_cat
+from fasthpa.labels import NUM_LABELS
+
+
+@torch.no_grad()
+def predict_probs(
+    model: torch.nn.Module,
+    loader: Any,
+    info: DistInfo,
+    n_rows: int,
+    autocast: Callable[[], Any],
+    views: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    channels_last: bool = True,
+    on_batch: Callable[[], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Mean sigmoid probability over ``views`` (default: the batch as it is) for every row of
+    ``loader`` exactly once.
+
+    Returns (rows, probs float32 [len(rows), 28]) sorted by row on rank 0, None on other ranks.
+    Padding entries (index -1) are dropped; a row seen twice or never is an error, not a skew.
+    """
+    was_training = model.training
+    model.eval()
+    probs, index = [], []
+    for x, _, idx in loader:
+        total = None
+        for view in views or (None,):
+            v = x if view is None else view(x)
+            if view is not None and channels_last:  # a transposed view loses channels_last
+                v = v.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                logits = model(v)
+            p = torch.sigmoid(logits.float())
+            total = p if total is None else total + p
+        probs.append(total / len(views) if views and len(views) > 1 else total)
+        index.append(idx)
+        if on_batch is not None:
+            on_batch()
+    device = info.device
+    p = torch.cat(probs) if probs else torch.zeros((0, NUM_LABELS), device=device)
+    i = torch.cat(index) if index else torch.zeros((0,), dtype=torch.long, device=device)
+    if info.enabled:  # ranks may hold different counts: pad to the largest, then gather
+        counts = all_gather_cat(torch.tensor([len(i)], device=device), info)
+        pad = int(counts.max()) - len(i)
+        p = torch.cat([p, torch.zeros((pad, p.shape[1]), device=device)])
+        i = torch.cat([i, torch.full((pad,), -1, dtype=torch.long, device=device)])
+        p, i = all_gather_cat(p, info), all_gather_cat(i, info)
+    if was_training:
+        model.train()
+    if not info.is_main:
+        return None
+    p, i = p.cpu().numpy(), i.cpu().numpy()
+    keep = i >= 0
+    p, i = p[keep], i[keep]
+    order = np.argsort(i, kind="stable")
+    p, i = p[order], i[order]
+    if len(np.unique(i)) != len(i) or len(i) != n_rows:
+        raise RuntimeError(
+            f"evaluation saw {len(i)} outputs for {len(np.unique(i))} distinct rows, expected "
+            f"{n_rows} rows exactly once"
+        )
+    return i, p.astype(np.float32)
