@@ -99,9 +99,9 @@ def trainer_command(opts: Options, root: Path, run_dir: Path, batch: int, split:
 
 def run_one(cmd: list[str], log_path: Path, timeout_s: float | None) -> tuple[int, float, str]:
     """Run the trainer; return (exit status, wall seconds, last stderr/stdout line)."""
-    env = os.environ | {
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    }
+    # the checkout first, so the trainer is this repository's even where fasthpa is installed
+    paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(paths)}
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         try:
