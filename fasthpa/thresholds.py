@@ -627,6 +627,13 @@ class _Table:
     ids: list[str] | None
     values: np.ndarray
     path: Path
+    first_line: int | None = None
+    """For a text file: the line number of the first row (names rows by line, not index)."""
+
+    def row(self, i: int) -> str:
+        """How to name row ``i`` in a message."""
+        where = f"line {i + self.first_line}" if self.first_line else f"row {i}"
+        return where + (f" (Id {self.ids[i]})" if self.ids is not None else "")
 
 
 def _load_npz(path: Path, key: str) -> tuple[list[str] | None, np.ndarray | None]:
@@ -696,10 +703,10 @@ def _read_probs_csv(path: Path, n_labels: int) -> _Table:
     if len(bad):
         r, c = bad[0]
         raise UserError(
-            f"--probs {path} row {r + 2} (Id {df['Id'].iloc[r]}) column {cols[c]!r} "
+            f"--probs {path} line {r + 2} (Id {df['Id'].iloc[r]}) column {cols[c]!r} "
             f"is not a number."
         )
-    return _Table([str(i) for i in df["Id"]], values, path)
+    return _Table([str(i) for i in df["Id"]], values, path, first_line=2)
 
 
 def _check_probs(table: _Table, n_labels: int) -> None:
@@ -713,21 +720,24 @@ def _check_probs(table: _Table, n_labels: int) -> None:
     bad = np.argwhere(~((p >= 0) & (p <= 1)))
     if len(bad):
         r, c = bad[0]
-        where = f"row {r}" + (f" (Id {table.ids[r]})" if table.ids is not None else "")
         raise UserError(
-            f"--probs {path} {where} label {c} holds {p[r, c]!r}, not a probability in [0, 1]."
+            f"--probs {path} {table.row(r)} label {c} holds {float(p[r, c])!r}, not a "
+            f"probability in [0, 1]."
         )
     if table.ids is not None:
         seen: dict[str, int] = {}
         for i, name in enumerate(table.ids):
             if name in seen:
-                raise UserError(f"--probs {path} lists Id {name} twice (rows {seen[name]}, {i}).")
+                raise UserError(
+                    f"--probs {path} lists Id {name} twice ({table.row(seen[name])}, "
+                    f"{table.row(i)})."
+                )
             seen[name] = i
 
 
 def _read_targets_csv(path: str | os.PathLike, n_labels: int = NUM_LABELS):
     """A Kaggle train.csv (``Id,Target``, Target = space-separated label indices) as
-    (ids: list[str], multi-hot uint8 [N, n_labels]); UserError naming the row on a bad line.
+    (ids: list[str], multi-hot uint8 [N, n_labels]); UserError naming the line of a bad row.
 
     A minimal local parser; an empty Target means a sample with no labels.
     """
@@ -747,23 +757,23 @@ def _read_targets_csv(path: str | os.PathLike, n_labels: int = NUM_LABELS):
                 if not row:
                     continue
                 if len(row) < 2 or not row[0].strip():
-                    raise UserError(f"{path} row {line_no} needs an Id and a Target.")
+                    raise UserError(f"{path} line {line_no} needs an Id and a Target.")
                 sample_id = row[0].strip()
                 if sample_id in seen:
                     raise UserError(
-                        f"{path} row {line_no} repeats Id {sample_id} (first on row "
+                        f"{path} line {line_no} repeats Id {sample_id} (first on line "
                         f"{seen[sample_id]})."
                     )
                 try:
                     targets = [int(t) for t in row[1].split()]
                 except ValueError:
                     raise UserError(
-                        f"{path} row {line_no} Target {row[1]!r} is not space-separated "
+                        f"{path} line {line_no} Target {row[1]!r} is not space-separated "
                         f"label indices."
                     ) from None
                 if any(not 0 <= t < n_labels for t in targets):
                     raise UserError(
-                        f"{path} row {line_no} Target {row[1]!r} has a label outside "
+                        f"{path} line {line_no} Target {row[1]!r} has a label outside "
                         f"0..{n_labels - 1}."
                     )
                 seen[sample_id] = line_no

@@ -524,7 +524,7 @@ def test_cli_errors_name_the_file_and_row(tmp_path, capsys):
         tmp_path / "badrow.csv",
         "--out",
         out,
-        match="row 3",
+        match="line 3",
     )
     (tmp_path / "badlabel.csv").write_text("Id,Target\ns0,28\n")
     expect_user_error(
@@ -561,7 +561,7 @@ def test_cli_errors_name_the_file_and_row(tmp_path, capsys):
         tmp_path / "missing.csv",
         "--out",
         out,
-        match="row 2 (Id s0) column '27'",
+        match="line 2 (Id s0) column '27'",
     )
     expect_user_error(
         capsys,
