@@ -736,55 +736,13 @@ def _check_probs(table: _Table, n_labels: int) -> None:
 
 
 def _read_targets_csv(path: str | os.PathLike, n_labels: int = NUM_LABELS):
-    """A Kaggle train.csv (``Id,Target``, Target = space-separated label indices) as
-    (ids: list[str], multi-hot uint8 [N, n_labels]); UserError naming the line of a bad row.
+    """A train.csv-style file as (ids, uint8 multi-hot [N, 28]): the dataset layer's parser, so
+    every command reads Kaggle labels the same way (UserError naming the line of a bad row)."""
+    from fasthpa.data.dataset import read_targets_csv
 
-    A minimal local parser; an empty Target means a sample with no labels.
-    """
-    import csv
-
-    path = Path(path)
-    ids: list[str] = []
-    rows: list[list[int]] = []
-    seen: dict[str, int] = {}
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None or [h.strip() for h in header[:2]] != ["Id", "Target"]:
-                raise UserError(f"{path} must start with the header 'Id,Target'.")
-            for line_no, row in enumerate(reader, start=2):
-                if not row:
-                    continue
-                if len(row) < 2 or not row[0].strip():
-                    raise UserError(f"{path} line {line_no} needs an Id and a Target.")
-                sample_id = row[0].strip()
-                if sample_id in seen:
-                    raise UserError(
-                        f"{path} line {line_no} repeats Id {sample_id} (first on line "
-                        f"{seen[sample_id]})."
-                    )
-                try:
-                    targets = [int(t) for t in row[1].split()]
-                except ValueError:
-                    raise UserError(
-                        f"{path} line {line_no} Target {row[1]!r} is not space-separated "
-                        f"label indices."
-                    ) from None
-                if any(not 0 <= t < n_labels for t in targets):
-                    raise UserError(
-                        f"{path} line {line_no} Target {row[1]!r} has a label outside "
-                        f"0..{n_labels - 1}."
-                    )
-                seen[sample_id] = line_no
-                ids.append(sample_id)
-                rows.append(targets)
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not a UTF-8 text file.") from None
-    multi_hot = np.zeros((len(rows), n_labels), dtype=np.uint8)
-    for i, targets in enumerate(rows):
-        multi_hot[i, targets] = 1
-    return ids, multi_hot
+    if n_labels != NUM_LABELS:
+        raise ValueError(f"train.csv-style labels have {NUM_LABELS} columns, not {n_labels}")
+    return read_targets_csv(path)
 
 
 def _read_labels(path: Path, n_labels: int) -> _Table:

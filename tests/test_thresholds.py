@@ -535,7 +535,7 @@ def test_cli_errors_name_the_file_and_row(tmp_path, capsys):
         tmp_path / "badlabel.csv",
         "--out",
         out,
-        match="outside 0..27",
+        match="outside 0-27",
     )
     expect_user_error(
         capsys, "--probs", tmp_path / "dev.npz", "--out", out, match="--labels is needed"
