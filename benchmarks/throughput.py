@@ -583,6 +583,11 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    if any(r.get("mfu", 0) > 1 for r in ladder_rows + sweep_rows):
+        notes.append(
+            f"MFU above 100%: the {mm_n} x {mm_n} matmul did not reach this device's peak, so "
+            "MFU is overstated here; pass a larger --matmul-n."
+        )
     result = {
         "device": device_name(device),
         "device_type": device.type,
