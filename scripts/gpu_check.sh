@@ -4,6 +4,7 @@
 #   scripts/gpu_check.sh OUT_DIR              # the real check (needs CUDA)
 #   scripts/gpu_check.sh OUT_DIR --dry-run    # on any machine: environment, import shim, test
 #                                             # collection, a tiny CPU throughput run, flag checks
+#   scripts/gpu_check.sh OUT_DIR --skip loader,throughput   # leave steps out (by name)
 #   PYTHON=/opt/py/bin/python GPU_CHECK_BUDGET_S=470 scripts/gpu_check.sh OUT_DIR
 #
 # It uses the PyTorch (2.11 or newer), Triton and (if present) DALI the machine already has:
@@ -26,15 +27,18 @@
 # give each step's status, time and headline figure. Exit status: 0 when every step passed.
 set -uo pipefail
 
-usage() { echo "usage: scripts/gpu_check.sh OUT_DIR [--dry-run]" >&2; exit 2; }
+usage() { echo "usage: scripts/gpu_check.sh OUT_DIR [--dry-run] [--skip STEP[,STEP...]]" >&2; exit 2; }
 [[ $# -ge 1 && "$1" != -* ]] || usage
 out_arg=$1; shift
 dry_run=0
-for arg in "$@"; do
-    case "$arg" in
+skip=","
+while (($#)); do
+    case "$1" in
         --dry-run) dry_run=1 ;;
-        *) echo "error: unknown option $arg" >&2; usage ;;
+        --skip) [[ $# -ge 2 ]] || usage; skip=",$2,"; shift ;;
+        *) echo "error: unknown option $1" >&2; usage ;;
     esac
+    shift
 done
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -92,6 +96,10 @@ record() { names+=("$1"); statuses+=("$2"); seconds+=("$3"); logs+=("$4"); figur
 
 run_step() {
     local name=$1 limit=$2 log=$3; shift 3
+    if [[ "$skip" == *",$name,"* ]]; then
+        record "$name" "skipped (--skip)" 0 "-" "-"
+        return 0
+    fi
     local left=$((budget - (SECONDS - start) - 5))
     if ((left < 10)); then
         record "$name" "skipped (time budget spent)" 0 "-" "-"
@@ -108,12 +116,16 @@ run_step() {
     record "$name" "$status" "$((SECONDS - t0))" "$log" "-"
     return $rc
 }
-set_figure() { figures[${#figures[@]}-1]="$1"; }
+set_figure() { [[ "${statuses[${#statuses[@]}-1]}" == skipped* ]] || figures[${#figures[@]}-1]="$1"; }
 
 # dry run: the flags this script passes to another benchmark must exist there
 flag_step() {
     local name=$1 log=$2 script=$3; shift 3
     local help missing=() t0=$SECONDS
+    if [[ "$skip" == *",$name,"* ]]; then
+        record "$name" "skipped (--skip)" 0 "-" "-"
+        return 0
+    fi
     if ! help="$(cd "$repo" && timeout 60 "$python" "$script" --help 2>&1)"; then
         echo "$help" >"$out/$log"
         record "$name" "FAILED ($script --help)" "$((SECONDS - t0))" "$log" "-"
@@ -254,5 +266,5 @@ for i in "${!names[@]}"; do
 done
 echo "total ${total} s (budget ${budget} s); everything is in $out (summary.md)"
 failed=0
-for s in "${statuses[@]}"; do [[ "$s" == ok ]] || failed=1; done
+for s in "${statuses[@]}"; do [[ "$s" == ok || "$s" == "skipped (--skip)" ]] || failed=1; done
 exit $failed
