@@ -19,7 +19,10 @@ channels, 28 outputs) forward + loss + backward + Adam step, timed with the eage
 with fasthpa's, beside the loss's own forward + backward time at that batch, so a fast kernel
 is not read as a faster trainer.
 
-    python benchmarks/losses.py --quick --device cpu     # about a minute on 2 cores
+    python benchmarks/losses.py --quick --device cpu --threads 1   # about a minute
+
+On a CPU that other processes share, use ``--threads 1``: with 2 threads every parallel region
+waits for a core someone else holds (we saw 8 ms stalls on a 20 us loss).
     python benchmarks/losses.py --device cuda            # batch 8 .. 8192; step at 32 x 512 px
 
 Timing: warm-up calls first (compilation included there), a synchronise before every clock
@@ -210,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="fewer batch sizes and repeats")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (1 on a shared CPU)"
+    )
     parser.add_argument("--out-dir", default=None, help="results folder (benchmarks/results)")
     args = parser.parse_args(argv)
 
