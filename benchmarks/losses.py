@@ -7,6 +7,7 @@ the logits:
   eager     PyTorch as one would write it: ``F.binary_cross_entropy_with_logits(weight=w)``,
             ``torchvision.ops.sigmoid_focal_loss`` (mean)
   compile   the same function under ``torch.compile(fullgraph=True)``, compiled per shape
+            (``--quick``: once per loss with a dynamic batch size, to keep compile time short)
   twin      ``fasthpa.kernels`` with ``backend="torch"``: the op's plain PyTorch kernel (what
             ``backend="auto"`` runs off CUDA)
   triton    ``fasthpa.kernels`` with ``backend="triton"`` on CUDA: the fused kernel. On a CPU
@@ -103,7 +104,8 @@ def max_rel_error(loss_fn, ref_fn, x, y) -> float:
     return float((got - ref).abs().max() / ref.abs().max())
 
 
-def loss_rows(device, batches, repeats, compile_losses: bool) -> list[dict]:
+def loss_rows(device, batches, repeats, compile_mode: str) -> list[dict]:
+    """compile_mode: "per-shape" (dynamic=False, recompiled per batch), "dynamic" or "off"."""
     import torch
     from fasthpa.kernels import label_weights_from_frequency
 
@@ -116,13 +118,18 @@ def loss_rows(device, batches, repeats, compile_losses: bool) -> list[dict]:
     refs = reference_losses(weight)
     rows = []
     for name in refs:
+        if compile_mode == "dynamic":
+            torch._dynamo.reset()
+            compiled = torch.compile(impls["eager"][name], fullgraph=True, dynamic=True)
         for batch in batches:
             x, y = inputs(batch, device)
             row = {"loss": name, "batch": batch}
             fns = {impl: losses[name] for impl, losses in impls.items()}
-            if compile_losses:
+            if compile_mode == "per-shape":
                 torch._dynamo.reset()  # a fresh compile per shape, as a fixed-batch trainer gets
                 fns["compile"] = torch.compile(impls["eager"][name], fullgraph=True, dynamic=False)
+            elif compile_mode == "dynamic":
+                fns["compile"] = compiled
             # group very short calls so a timed group lasts well over the clock's resolution
             inner = 20 if cuda or batch <= 512 else 5
             for impl in ("eager", "compile", "twin", "triton"):
@@ -246,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         f"threads {env['cpu_threads']} | load average {load_before:.1f} | "
         f"commit {env['git_commit']}"
     )
-    rows = loss_rows(device, batches, repeats, compile_losses=not args.no_compile)
+    compile_mode = "off" if args.no_compile else "dynamic" if args.quick else "per-shape"
+    rows = loss_rows(device, batches, repeats, compile_mode)
     best = "triton" if cuda else "twin"
     for r in rows:
         r["max rel err"] = max(v for k, v in r.items() if k.endswith(" err"))
@@ -277,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU load average (1 min) {load_before:.1f} before, {load_after:.1f} after, on "
         f"{os.cpu_count()} cores: other processes shared the machine, so medians carry their "
         "interference and the minimum is the closer estimate of the uncontended cost. "
+        f"compile: torch.compile(fullgraph=True), {compile_mode} shapes. "
         "triton: the fused kernel (CUDA only; on a CPU the kernel runs only under the Triton "
         "interpreter, which is a correctness tool and is not timed). twin: fasthpa.kernels' "
         "plain PyTorch kernel, what backend='auto' runs off CUDA."
@@ -295,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         extra={
             "quick": args.quick,
             "repeats": repeats,
+            "compile": compile_mode,
             "load_average": [load_before, load_after],
             "note": note,
         },
