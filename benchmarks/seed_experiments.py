@@ -35,6 +35,7 @@ and the run folders and logs under ``runs/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import io
@@ -43,6 +44,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,8 @@ class Options:
     only: list[str] | None = None
     trainer_args: tuple[str, ...] = ()
     timeout_s: float | None = None
+    in_process: bool = False
+    """train in this process (saves an interpreter start per run: --quick's default)"""
 
 
 def prepare_data(opts: Options) -> str:
@@ -135,6 +139,28 @@ def prepare_data(opts: Options) -> str:
     size = opts.image_size or 64
     s = generate(root, n=opts.synth_n, size=size, seed=opts.seed, workers=1, overwrite=True)
     return f"{root} (synthetic: {s.n_train} samples at {size} px, written now)"
+
+
+def train_in_process(argv: list[str], log_path: Path) -> tuple[int, float, str]:
+    """``fasthpa.train.main(argv)`` here, its output into ``log_path``; same return as run_one."""
+    from fasthpa.train import main as train_main
+
+    t0 = time.perf_counter()
+    with (
+        open(log_path, "w") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        try:
+            rc = train_main(argv)
+        except SystemExit as e:  # a UserError: the trainer printed its one line already
+            rc = e.code if isinstance(e.code, int) else 1
+        except Exception:  # one broken experiment must not lose the others
+            traceback.print_exc(file=log)
+            rc = 1
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    return int(rc or 0), wall, lines[-1] if lines else ""
 
 
 def base_flags(opts: Options, full_size: int, epochs: int, split: str) -> list[str]:
@@ -340,18 +366,14 @@ def run_experiments(opts: Options) -> dict[str, Any]:
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a stale folder would resume instead of training afresh
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "fasthpa.train",
-            "--data",
-            str(opts.root),
-            "--out",
-            str(run_dir),
-        ]
-        cmd += flags + list(exp.flags)
+        argv = ["--data", str(opts.root), "--out", str(run_dir), *flags, *exp.flags]
         print(f"[{exp.name}] {exp.varies}", flush=True)
-        rc, wall, last = run_one(cmd, runs_dir / f"{exp.name}.log", opts.timeout_s)
+        log = runs_dir / f"{exp.name}.log"
+        if opts.in_process:
+            rc, wall, last = train_in_process(argv, log)
+        else:
+            cmd = [sys.executable, "-m", "fasthpa.train", *argv]
+            rc, wall, last = run_one(cmd, log, opts.timeout_s)
         row: dict[str, Any] = {
             "experiment": exp.name,
             "group": exp.group,
@@ -467,6 +489,13 @@ def parse_options(argv: list[str] | None = None) -> Options:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="comma-separated experiments (+ baseline)")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per run")
+    p.add_argument(
+        "--in-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train in this process instead of one `python -m fasthpa.train` per run "
+        "(default: on with --quick; --timeout needs separate processes)",
+    )
     p.add_argument("trainer_args", nargs="*", help="extra trainer flags after --")
     a = p.parse_args(argv)
     if a.quick and a.device == "auto":
@@ -490,6 +519,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         only=[s.strip() for s in a.only.split(",")] if a.only else None,
         trainer_args=tuple(a.trainer_args),
         timeout_s=a.timeout,
+        in_process=a.in_process if a.in_process is not None else a.quick and a.timeout is None,
     )
 
 

@@ -1,0 +1,232 @@
+"""The benchmark machinery: FLOP counting against the analytic count, the OOM step-back sweep,
+a tiny throughput run (rows and result files), the LR rules and trainer commands of
+batch_f1.py, the seed experiments' --quick miniature end to end, and gpu_check.sh --dry-run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import `common` as a sibling
+
+import batch_f1  # noqa: E402
+import throughput  # noqa: E402
+
+
+def test_flop_count_matches_the_analytic_count_of_an_mlp():
+    b, i, h, o = 5, 7, 11, 3
+    model = torch.nn.Sequential(torch.nn.Linear(i, h), torch.nn.ReLU(), torch.nn.Linear(h, o))
+    x, y = torch.randn(b, i), torch.rand(b, o)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits
+    # forward 2bih + 2bho; backward: both weight gradients, and the input gradient of the second
+    # layer only (x needs no gradient)
+    expected = 2 * b * i * h + 2 * b * h * o + 2 * b * h * o + 2 * b * i * h + 2 * b * h * o
+    assert throughput.count_train_flops(model, x, y, loss) == expected
+    assert all(p.grad is None for p in model.parameters())  # cleared for the timed steps
+
+
+def _oom(limit: int, calls: list[int]):
+    def measure(batch: int) -> dict:
+        calls.append(batch)
+        if batch > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"images_per_s": float(batch)}
+
+    return measure
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected", "ooms"),
+    [
+        (40, [8, 16, 32, 64, 48], [64, 48]),  # step back to 48: also too big
+        (50, [8, 16, 32, 64, 48], [64]),  # step back to 48: fits
+        (4, [8], [8]),  # nothing fits
+        (10_000, [8, 16, 32, 64, 128], []),  # capped by max_batch
+    ],
+)
+def test_sweep_doubles_until_out_of_memory_then_steps_back(limit, expected, ooms):
+    calls: list[int] = []
+    freed: list[int] = []
+    rows = throughput.sweep_batches(
+        _oom(limit, calls), None, max_batch=128, on_oom=lambda: freed.append(1)
+    )
+    assert calls == expected
+    assert [r["batch"] for r in rows if r["oom"]] == ooms
+    assert len(freed) == len(ooms)
+    throughput.add_efficiency(rows)
+    ok = [r for r in rows if not r["oom"]]
+    if ok:
+        best = max(r["images_per_s"] for r in ok)
+        assert [r["efficiency"] for r in ok] == [r["images_per_s"] / best for r in ok]
+
+
+def test_listed_sweep_stops_at_first_oom_and_other_errors_propagate():
+    calls: list[int] = []
+    rows = throughput.sweep_batches(_oom(20, calls), [8, 64, 16])
+    assert calls == [8, 64] and rows[-1] == {"batch": 64, "oom": True}
+
+    def broken(batch: int) -> dict:
+        raise ValueError("a bug, not a batch size")
+
+    with pytest.raises(ValueError):
+        throughput.sweep_batches(broken, [8])
+
+
+def test_tiny_throughput_run_rows_and_result_files(tmp_path):
+    opts = throughput.Options(
+        device="cpu", image_size=32, ladder_batch=2, batch_sizes=[2, 4], warmup=0, repeats=1,
+        e2e_steps=1, compile="off", synth_n=8, workers=0, loader="torch", matmul_n=256,
+        out=str(tmp_path), quick=True,
+    )  # fmt: skip
+    result = throughput.run_benchmark(opts)
+
+    ladder = result["ladder"]
+    assert [r["step"] for r in ladder] == [c.name for c in throughput.ladder(False)]
+    assert [(r["channels_last"], r["amp"], r["fused_loss"]) for r in ladder] == [
+        (False, "off", False), (True, "off", False), (True, "bf16", False), (True, "bf16", True),
+    ]  # fmt: skip
+    peaks = result["peaks"]
+    for r in ladder:
+        assert r["images_per_s"] > 0 and r["e2e_images_per_s"] > 0
+        assert r["images_per_s"] == pytest.approx(2 / (r["step_ms"] / 1e3))
+        assert 0.0 <= r["data_wait_share"] <= 1.0
+        assert r["loader"] == "torch" and r["first_step_s"] > 0
+        peak = peaks["bfloat16" if r["amp"] == "bf16" else "float32"]["flops_per_s"]
+        assert r["mfu"] == pytest.approx(result["flops_per_image"] * r["images_per_s"] / peak)
+    assert ladder[0]["speedup"] == 1.0
+    assert any("--compile off" in n for n in result["notes"])
+
+    sweep = result["sweep"]
+    assert [r["batch"] for r in sweep] == [2, 4] and not any(r["oom"] for r in sweep)
+    assert max(r["efficiency"] for r in sweep) == 1.0
+    assert all(r["peak_mem_gib"] > 0 and r["step_ms"] > 0 for r in sweep)
+    # ResNet18 training FLOPs per image scale with pixels: (32/224)^2 of about 3 x 1.82 GFLOP
+    assert 3 * 1.82e9 * (32 / 224) ** 2 * 0.5 < result["flops_per_image"] < 3 * 1.82e9
+
+    json_path, md_path = (Path(p) for p in result["paths"])
+    assert json_path.parent == tmp_path and json_path.name.startswith("throughput_cpu")
+    payload = json.loads(json_path.read_text())
+    env = payload["environment"]
+    for key in ("device", "cpu_threads", "torch", "triton", "dali", "git_commit"):
+        assert key in env
+    assert env["torch"] == torch.__version__ and env["cpu_threads"] == torch.get_num_threads()
+    assert len(payload["rows"]) == len(ladder) + len(sweep)
+    assert payload["peaks"]["float32"]["n"] == 256
+    md = md_path.read_text()
+    assert "## Ladder" in md and "## Batch-size sweep" in md and torch.__version__ in md
+
+
+@pytest.mark.parametrize(
+    ("rule", "batch", "expected"),
+    [("linear", 8, 1e-3), ("linear", 64, 8e-3), ("sqrt", 32, 2e-3), ("sqrt", 2, 5e-4)],
+)
+def test_lr_rules(rule, batch, expected):
+    assert batch_f1.scaled_lr(1e-3, batch, 8, rule) == pytest.approx(expected)
+
+
+def test_lr_rule_must_be_known():
+    with pytest.raises(ValueError):
+        batch_f1.scaled_lr(1e-3, 8, 8, "cubic")
+
+
+def test_batch_f1_command_is_a_valid_trainer_command(tmp_path):
+    import argparse
+
+    from fasthpa.config import add_config_arguments, config_from_args
+
+    opts = batch_f1.Options(
+        lr_rule="sqrt", epochs=3, image_size=48, trainer_args=["--arch", "resnet34"]
+    )
+    cmd = batch_f1.trainer_command(opts, tmp_path / "data", tmp_path / "run", 32, "0.8,0.2,0")
+    assert cmd[:3] == [sys.executable, "-m", "fasthpa.train"]
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    cfg = config_from_args(parser.parse_args(cmd[3:]))
+    assert cfg.run.batch_size == 32 and cfg.run.epochs == 3 and cfg.data.image_size == 48
+    assert cfg.optim.lr == pytest.approx(1e-3 * math.sqrt(32 / 8))
+    assert cfg.optim.warmup_epochs == 1.0 and cfg.model.arch == "resnet34"
+
+
+def test_seed_experiments_quick_assembles_every_experiment_with_numbers(tmp_path):
+    root, out = tmp_path / "synth", tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "seed_experiments.sh"), str(root), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env=os.environ | {"PYTHON": sys.executable},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    payload = json.loads((out / "comparison.json").read_text())
+    rows = {r["experiment"]: r for r in payload["experiments"]}
+    import seed_experiments
+
+    assert set(rows) == {e.name for e in seed_experiments.experiments(64, 32)}
+    for name, r in rows.items():
+        assert r["status"] == "ok", (name, r["status"])
+        for key in ("dev_f1_at_0.5", "dev_f1_tuned", "test_f1_at_0.5", "test_f1_tuned"):
+            assert 0.0 <= r[key] <= 1.0, (name, key, r[key])
+        assert math.isfinite(r["train_loss"]) and r["images_per_s"] > 0 and r["wall_s"] > 0
+        assert r["tuning_gain"] == pytest.approx(r["dev_f1_tuned"] - r["dev_f1_at_0.5"])
+        assert r["pretrained"] in ("none", "imagenet")
+    assert len(payload["per_label"]) == 28
+    assert all(0.0 <= x["f1_tuned"] <= 1.0 for x in payload["per_label"])
+
+    # each experiment's flag reached its trainer run, and everything else stayed the baseline's
+    def run_info(name: str) -> tuple[dict, dict]:
+        d = out / "runs" / name
+        return json.loads((d / "config.json").read_text()), json.loads((d / "env.json").read_text())
+
+    base_cfg, base_env = run_info("baseline")
+    assert (base_cfg["loss"]["loss"], base_cfg["data"]["image_size"]) == ("bce", 64)
+    _, frozen_env = run_info("frozen")
+    assert frozen_env["pretrained"]["params_trainable"] < base_env["pretrained"]["params_trainable"]
+    assert run_info("downsized")[0]["data"]["image_size"] == 32
+    assert run_info("rgb")[1]["pretrained"]["in_channels"] == 3
+    assert run_info("maxavg_head")[0]["model"]["head"] == "maxavg"
+    assert run_info("wbce")[0]["loss"]["loss"] == "wbce"
+    assert run_info("focal_report")[0]["loss"]["focal_variant"] == "reference_report"
+    splits = {(out / "runs" / n / "split.csv").read_text() for n in rows}
+    assert len(splits) == 1  # every run trained and evaluated on the same rows
+
+    md = (out / "comparison.md").read_text()
+    for heading in (
+        "Frozen backbone",
+        "downsized",
+        "RGBY vs RGB",
+        "weighted BCE",
+        "tuned thresholds",
+        "Per-label F1",
+    ):
+        assert heading in md
+    assert all(f"| {name} |" in md for name in rows)
+    assert (out / "report" / "report.md").is_file() and (out / "per_label.csv").is_file()
+
+
+def test_gpu_check_dry_run_maps_kernels_and_summarises(tmp_path):
+    out = tmp_path / "check"
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out), "--dry-run", "--skip", "throughput"],
+        capture_output=True, text=True, timeout=300,
+        env=os.environ | {"PYTHON": sys.executable},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # the shim alone (installed copies hidden) maps fasthpa.kernels to this checkout
+    assert (
+        f"fasthpa.kernels -> {REPO / 'kernels' / '__init__.py'}" in (out / "import.log").read_text()
+    )
+    summary = (out / "summary.md").read_text()
+    for step in ("env", "import", "pytest", "losses", "thresholds", "loader"):
+        assert f"| {step} | ok |" in summary, summary
+    assert "| throughput | skipped (--skip) |" in summary
+    assert "tests collected" in summary
+    last = proc.stdout.strip().splitlines()
+    assert last[-1].startswith("total ") and any(line.startswith("step ") for line in last[-10:])
+    # the shim's folder is temporary: nothing but logs and results is left behind
+    assert not list(out.glob("sitecustomize*"))
