@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +190,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     handles = ax.get_legend_handles_labels()[0] + f1.get_legend_handles_labels()[0]
     labels = ax.get_legend_handles_labels()[1] + f1.get_legend_handles_labels()[1]
     ax.legend(handles, labels, fontsize=8, loc="lower center")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 95)), fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return atomic_write_bytes(path, buf.getvalue())

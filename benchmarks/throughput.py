@@ -480,6 +480,12 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
     compile_on = opts.compile != "off"
     if not compile_on:
         notes.append("torch.compile rung skipped: --compile off.")
+    else:
+        notes.append(
+            "compile rung's first step: inductor's on-disk cache may already hold this graph from "
+            "an earlier run (then it is short); TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 times a cold "
+            "compile. The fused-loss rung reuses the compiled model code."
+        )
     if device.type == "cpu":
         notes.append(
             "fused loss on CPU: fasthpa.kernels runs its PyTorch twin (Triton only on CUDA), so "
