@@ -40,7 +40,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS_DIR, ROOT, device_slug, markdown_table, write_results
+from common import (
+    RESULTS_DIR,
+    ROOT,
+    device_slug,
+    markdown_table,
+    positive_int_list,
+    print_rows,
+    write_results,
+)
 
 LR_RULES = ("linear", "sqrt")
 
@@ -203,25 +211,7 @@ COLUMNS = [
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title)
-    for c in COLUMNS:
-        t.add_column(c, justify="right")
-    for r in rows:
-        t.add_row(
-            *(
-                "-"
-                if r.get(c) is None
-                else (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))
-                for c in COLUMNS
-            )
-        )
-    console = Console()
-    if not console.is_terminal:  # a log file: keep every column readable
-        console = Console(width=200)
-    console.print(t)
+    print_rows(title, rows, COLUMNS)
 
 
 def run_benchmark(opts: Options) -> dict[str, Any]:
@@ -297,23 +287,11 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
     return result
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
-    return values
-
-
 def parse_options(argv: list[str] | None = None) -> Options:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--batch-sizes", type=_int_list, default=None, help="e.g. 8,32,128")
+    p.add_argument("--batch-sizes", type=positive_int_list, default=None, help="e.g. 8,32,128")
     p.add_argument("--epochs", type=int, default=None, help="epochs per batch size (default 5)")
     p.add_argument("--lr-rule", default="linear", choices=LR_RULES)
     p.add_argument("--base-lr", type=float, default=1e-3)

@@ -119,3 +119,44 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def positive_int_list(text: str) -> list[int]:
+    """An argparse type for '8,16,32': comma-separated integers, each >= 1."""
+    import argparse
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def wide_console():
+    """A rich Console; 200 columns wide when writing to a log file, so no column is cut."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
+def print_rows(title: str, rows: list[dict[str, Any]], columns: list[str], digits: int = 4) -> None:
+    """Print ``rows`` as a rich table: floats to ``digits`` significant digits, None as '-'."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(
+            *(
+                "-" if r.get(c) is None
+                else (f"{r[c]:.{digits}g}" if isinstance(r[c], float) else str(r[c]))
+                for c in columns
+            )
+        )  # fmt: skip
+    wide_console().print(t)

@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default="torch,dali", help="torch and/or dali")
     p.add_argument("--workdir", type=Path, default=None, help="keep the generated data here")
     p.add_argument("--no-save", action="store_true", help="print only; write no result files")
+    p.add_argument(
+        "--out-dir", type=Path, default=None, help="results folder (default: benchmarks/results)"
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         md += markdown_table(rows, columns + ["epoch_s", "samples", "batch", "threads"])
         extra = {"data": described, "load_average_before_after": load,
                  "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
-        paths = write_results("loader", device, rows, md, extra=extra)
+        paths = write_results("loader", device, rows, md, extra=extra, out_dir=args.out_dir)
         print("wrote", *paths)
     return 0
 

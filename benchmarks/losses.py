@@ -37,7 +37,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from common import ROOT, markdown_table, time_fn, write_results
+from common import ROOT, markdown_table, print_rows, time_fn, write_results
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -201,20 +201,6 @@ def step_rows(device, batch: int, size: int, repeats: int) -> list[dict]:
     return rows
 
 
-def print_table(title: str, rows: list[dict], columns: list[str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for c in columns:
-        table.add_column(c, justify="right")
-    for r in rows:
-        table.add_row(
-            *(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns)
-        )
-    Console(width=160).print(table)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -269,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         d["max rel err"] = r["max rel err"]
         display.append(d)
     columns = list(display[0])
-    print_table(
+    print_rows(
         "loss forward + backward, ms: median (min); max rel err: the worst implementation's "
         "loss vs the float64 reference",
         display,
@@ -278,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = step_rows(device, step_batch, step_size, repeats)
     step_columns = ["loss", "loss impl", "step", "step ms", "step min ms", "loss fwd+bwd ms"]
     step_columns += ["loss min ms", "loss share of step", "loss share (min)"]
-    print_table("the loss inside a training step", steps, step_columns)
+    print_rows("the loss inside a training step", steps, step_columns)
 
     load_after = os.getloadavg()[0]
     note = (

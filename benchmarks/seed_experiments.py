@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from batch_f1 import run_one
-from common import RESULTS_DIR, markdown_table
+from common import RESULTS_DIR, markdown_table, print_rows
 
 from fasthpa.errors import UserError
 from fasthpa.io import atomic_write_json, atomic_write_text
@@ -445,27 +445,9 @@ def run_experiments(opts: Options) -> dict[str, Any]:
 
 
 def _print(rows: list[dict[str, Any]], out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     cols = ["experiment", "status", "dev_f1_at_0.5", "dev_f1_tuned", "test_f1_at_0.5",
             "test_f1_tuned", "images_per_s", "wall_s"]  # fmt: skip
-    t = Table(title=f"reference experiments -> {out / 'comparison.md'}")
-    for c in cols:
-        t.add_column(c, justify="right")
-    for r in rows:
-        t.add_row(
-            *(
-                "-"
-                if r.get(c) is None
-                else (f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]))
-                for c in cols
-            )
-        )
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)
-    console.print(t)
+    print_rows(f"reference experiments -> {out / 'comparison.md'}", rows, cols)
 
 
 def parse_options(argv: list[str] | None = None) -> Options:

@@ -48,7 +48,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import markdown_table, synchronize, time_fn, write_results
+from common import (
+    markdown_table,
+    positive_int_list,
+    synchronize,
+    time_fn,
+    wide_console,
+    write_results,
+)
 
 import fasthpa.config
 
@@ -689,12 +696,9 @@ def _header(result: dict) -> str:
 
 
 def print_tables(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:  # a log file: keep every column readable
-        console = Console(width=200)
+    console = wide_console()
     console.print(_header(result))
     t = Table(title="ladder: model only (inputs on device) and end to end (real loader)")
     for _, title in LADDER_COLUMNS:
@@ -769,18 +773,6 @@ def markdown_report(result: dict) -> str:
 # ------------------------------------------------------------------------------ command line
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -795,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--batch-sizes",
-        type=_int_list,
+        type=positive_int_list,
         default=None,
         help="sweep batch sizes, e.g. 8,16,32 (default: CUDA doubles from 8 until OOM; CPU 8,16)",
     )

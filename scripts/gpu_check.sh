@@ -22,7 +22,7 @@
 #   throughput  benchmarks/throughput.py at 512 px: ladder + batch sweep (OOM step-back) + MFU
 #   losses      benchmarks/losses.py --device cuda --quick
 #   thresholds  benchmarks/thresholds.py --devices cuda --quick
-#   loader      benchmarks/loader.py --device cuda (its results are copied into OUT_DIR)
+#   loader      benchmarks/loader.py --device cuda
 # Every log and result file lands in OUT_DIR (flat); summary.md and the table printed last
 # give each step's status, time and headline figure. Exit status: 0 when every step passed.
 set -uo pipefail
@@ -203,7 +203,7 @@ if ((dry_run)); then
         --synth-n 8 --compile off --matmul-n 512 --workers 0 --loader torch --out "$out"
     flag_step losses losses.log benchmarks/losses.py --device --quick --out-dir
     flag_step thresholds thresholds.log benchmarks/thresholds.py --devices --quick --out-dir
-    flag_step loader loader.log benchmarks/loader.py --device --threads --n --sizes --repeats
+    flag_step loader loader.log benchmarks/loader.py --device --threads --n --sizes --repeats --out-dir
 elif [[ "$cuda_ok" != 1 ]]; then
     record gpu-steps "FAILED (no CUDA device: see env.txt)" 0 env.txt "-"
 else
@@ -212,16 +212,12 @@ else
     set_figure "$(grep -E '(passed|failed|error)' "$out/pytest_gpu.log" | tail -1 | tr -d '=' | sed 's/^ *//')"
     run_step throughput 180 throughput.log "$python" benchmarks/throughput.py --device cuda \
         --image-size 512 --warmup 2 --repeats 3 --e2e-steps 5 --max-batch 512 --out "$out"
-    run_step losses 45 losses.log "$python" benchmarks/losses.py --device cuda --quick --out-dir "$out"
+    run_step losses 75 losses.log "$python" benchmarks/losses.py --device cuda --quick --out-dir "$out"
     run_step thresholds 30 thresholds.log "$python" benchmarks/thresholds.py --devices cuda --quick \
         --out-dir "$out"
-    # loader.py writes to benchmarks/results/: copy what this step wrote into OUT_DIR
-    marker="$out/.loader_start"; : >"$marker"
     # last, with whatever the budget has left (its limit is capped by the budget)
-    run_step loader 90 loader.log "$python" benchmarks/loader.py --device cuda --threads "$(nproc)" \
-        --n 192 --sizes 512,256 --repeats 2
-    find "$repo/benchmarks/results" -maxdepth 1 -name 'loader_*' -newer "$marker" -exec cp {} "$out/" \;
-    rm -f "$marker"
+    run_step loader 60 loader.log "$python" benchmarks/loader.py --device cuda --threads "$(nproc)" \
+        --n 192 --sizes 512,256 --repeats 2 --out-dir "$out"
 fi
 
 # headline of the throughput step, from its result file
