@@ -154,7 +154,8 @@ def resolve_device(spec: str):
 def matmul_peak(device, dtype, n: int, repeats: int = 5) -> dict[str, Any]:
     """FLOP/s of an n x n x n matrix multiply in ``dtype`` on ``device``: the MFU denominator.
 
-    Measured, not looked up, so MFU is relative to what this device reaches in this run.
+    Measured, not looked up, so MFU is relative to what this device reaches in this run; the
+    fastest repeat is the peak (a slower one only means something else held the device).
     """
     import torch
 
@@ -165,7 +166,7 @@ def matmul_peak(device, dtype, n: int, repeats: int = 5) -> dict[str, Any]:
     return {
         "dtype": str(dtype).replace("torch.", ""),
         "n": n,
-        "flops_per_s": 2.0 * n**3 / t["median_s"],
+        "flops_per_s": 2.0 * n**3 / t["min_s"],
         "spread": t["spread"],
     }
 
