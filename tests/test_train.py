@@ -247,3 +247,31 @@ def test_resume_keeps_saved_config_and_names_ignored_flags(tmp_path, capsys):
     assert resuming and out == run
     assert cfg.optim.lr == 0.01 and cfg.run.epochs == 20  # saved lr kept, epochs may grow
     assert "ignoring changed --lr" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+def test_lr_schedule_is_a_pure_function_of_the_step(schedule):
+    from fasthpa.config import TrainConfig
+
+    cfg = TrainConfig()
+    cfg.optim.lr_schedule = schedule
+    total, warmup = 100, 10
+    lrs = [train_mod.lr_at(s, total, warmup, cfg) for s in range(total)]
+    assert lrs[0] == pytest.approx(cfg.optim.lr / warmup)  # linear warm-up from lr / warmup
+    assert lrs[warmup - 1] == pytest.approx(cfg.optim.lr)
+    assert max(lrs) == pytest.approx(cfg.optim.lr)
+    if schedule == "constant":
+        assert lrs[warmup:] == [cfg.optim.lr] * (total - warmup)
+    else:  # cosine decay after the warm-up: monotone, ends near the floor
+        tail = lrs[warmup:]
+        assert all(b <= a for a, b in zip(tail, tail[1:]))
+        assert tail[-1] < 0.01 * cfg.optim.lr
+
+
+def test_fold_flag_parsing_and_validation():
+    from fasthpa.config import DataConfig, parse_fold
+
+    assert parse_fold("2/5") == (2, 5) and parse_fold("0 of 4") == (0, 4)
+    for bad in ("5/5", "1/1", "x"):
+        with pytest.raises(UserError, match="--fold"):
+            DataConfig(data="d", fold=bad)
