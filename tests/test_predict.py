@@ -125,6 +125,7 @@ def test_assign_labels_matches_the_plain_rule():
     probs[5, :3] = 0.0
     probs[5, 4:9] = 0.0
     thr = rng.uniform(0.2, 0.9, NUM_LABELS)
+    probs[30, 0] = 0.55  # above every scaled-down row, so rows :20 stay below all thresholds
     thr[0] = float(probs[30, 0])  # a score exactly at its threshold counts as positive
     for at_least_one in (True, False):
         got = assign_labels(probs, thr, at_least_one)
