@@ -295,22 +295,23 @@ def make_loss(cfg: TrainConfig, train_targets: np.ndarray, device: torch.device)
 
 
 def gpu_stats(device: torch.device) -> dict[str, float]:
-    """GPU utilisation, memory and power via NVML (log steps only)."""
+    """Peak allocated memory, and GPU utilisation, memory and power via NVML (log steps only)."""
     if device.type != "cuda":
         return {}
+    stats = {"max_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
     try:
         import pynvml
 
         pynvml.nvmlInit()
         h = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
         mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-        return {
+        return stats | {
             "gpu_util": float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu),
             "gpu_mem_gib": round(mem.used / 2**30, 2),
             "gpu_power_w": round(pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0, 1),
         }
-    except Exception:
-        return {}
+    except Exception:  # no NVML (a container without the driver library): allocator figures only
+        return stats
 
 
 # ---------------------------------------------------------------------------- the step
@@ -637,6 +638,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopFlag, args, parser_defaul
                     "images_per_sec": round(ips, 2),
                     "images_per_sec_per_device": round(ips / info.world_size, 2),
                     "data_wait_share": round(data_wait / max(elapsed, 1e-9), 4),
+                    "step_time_ms": round(1000 * elapsed / max(steps_since_log, 1), 2),
                 } | gpu_stats(device)
                 history.log(**row)
                 progress.update(row)

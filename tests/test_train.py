@@ -70,7 +70,7 @@ def test_short_run_writes_every_artefact_and_loss_falls(synth_root, tmp_path, ca
     steps = [r for r in rows if r["kind"] == "step"]
     epochs = [r for r in rows if r["kind"] == "epoch"]
     assert len(epochs) == 4 and all(r["images_per_sec"] > 0 for r in steps)
-    assert all(0 <= r["data_wait_share"] <= 1 for r in steps)
+    assert all(0 <= r["data_wait_share"] <= 1 and r["step_time_ms"] > 0 for r in steps)
     # the loss falls: every epoch's mean training loss is below the previous one's
     losses = [r["train_loss"] for r in epochs]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
