@@ -29,9 +29,11 @@ def exit_on_user_error(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            # under torchrun every rank meets the same error: one copy of the line is enough
-            if os.environ.get("RANK", "0") == "0":
-                print(f"error: {e}", file=sys.stderr)
+            # under torchrun an error may be met by one rank only: every rank says it, and
+            # ranks other than 0 say which they are
+            rank = os.environ.get("RANK", "0")
+            prefix = "" if rank == "0" else f"[rank {rank}] "
+            print(f"{prefix}error: {e}", file=sys.stderr)
             raise SystemExit(EXIT_USER_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
