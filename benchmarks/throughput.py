@@ -474,12 +474,12 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
 
     from fasthpa.data.stats import ChannelStats
     from fasthpa.envinfo import device_name
+    from fasthpa.train import enable_tf32
 
     device = resolve_device(opts.device)
     if device.type == "cuda":  # the trainer's settings, so the figures match a real run
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
     in_channels = 4 if opts.channels == "rgby" else 3
     batch = opts.ladder_batch or (64 if device.type == "cuda" else 8)
     notes = list(opts.notes)

@@ -136,6 +136,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def enable_tf32() -> None:
+    """TF32 for fp32 matmuls and convolutions on CUDA. PyTorch >= 2.9 has per-backend
+    ``fp32_precision`` settings, and mixing them with the legacy ``allow_tf32`` flags can make
+    inductor raise; use the new ones where they exist."""
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    except (AttributeError, RuntimeError):  # older PyTorch: the legacy flags
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     amp = cfg.speed.amp
     if amp == "auto":
@@ -395,8 +407,7 @@ def _train(cfg: TrainConfig, info: DistInfo, stop: StopFlag, args, parser_defaul
     seed_everything(cfg.run.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
 
     data = prepare_data(cfg, run_dir, info)
     dtype_amp = amp_dtype(cfg, device)
