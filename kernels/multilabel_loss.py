@@ -235,10 +235,19 @@ def _triton_available() -> bool:
     global _TRITON_AVAILABLE  # checked once: an import attempt per step would cost time
     if _TRITON_AVAILABLE is None:
         try:
-            import triton  # noqa: F401
+            # the kernel module itself, not only triton: it uses a private triton name that a
+            # future Triton may move, and training must then fall back, not stop
+            from . import multilabel_loss_kernel  # noqa: F401
 
             _TRITON_AVAILABLE = True
-        except ImportError:
+        except ImportError as e:
+            import warnings
+
+            warnings.warn(
+                f"fasthpa.kernels: the Triton loss kernel cannot be imported ({e}); using the "
+                f"PyTorch implementation.",
+                stacklevel=2,
+            )
             _TRITON_AVAILABLE = False
     return _TRITON_AVAILABLE
 
