@@ -207,16 +207,16 @@ if ((dry_run)); then
 elif [[ "$cuda_ok" != 1 ]]; then
     record gpu-steps "FAILED (no CUDA device: see env.txt)" 0 env.txt "-"
 else
-    run_step pytest 140 pytest_gpu.log "$python" -m pytest -m "gpu or dali" tests/ -q -p no:cacheprovider \
+    run_step pytest 200 pytest_gpu.log "$python" -m pytest -m "gpu or dali" tests/ -q -p no:cacheprovider \
         --junitxml="$out/pytest_gpu.xml"
     set_figure "$(grep -E '(passed|failed|error)' "$out/pytest_gpu.log" | tail -1 | tr -d '=' | sed 's/^ *//')"
-    run_step throughput 180 throughput.log "$python" benchmarks/throughput.py --device cuda \
+    run_step throughput 150 throughput.log "$python" benchmarks/throughput.py --device cuda \
         --image-size 512 --warmup 2 --repeats 3 --e2e-steps 5 --max-batch 512 --out "$out"
-    run_step losses 75 losses.log "$python" benchmarks/losses.py --device cuda --quick --out-dir "$out"
-    run_step thresholds 30 thresholds.log "$python" benchmarks/thresholds.py --devices cuda --quick \
+    run_step losses 60 losses.log "$python" benchmarks/losses.py --device cuda --quick --out-dir "$out"
+    run_step thresholds 25 thresholds.log "$python" benchmarks/thresholds.py --devices cuda --quick \
         --out-dir "$out"
     # last, with whatever the budget has left (its limit is capped by the budget)
-    run_step loader 60 loader.log "$python" benchmarks/loader.py --device cuda --threads "$(nproc)" \
+    run_step loader 40 loader.log "$python" benchmarks/loader.py --device cuda --threads "$(nproc)" \
         --n 192 --sizes 512,256 --repeats 2 --out-dir "$out"
 fi
 

@@ -1,0 +1,75 @@
+"""The trainer on a CUDA GPU (skipped without one; scripts/gpu_check.sh runs these).
+
+- the training step (bf16 autocast, channels_last, fused Adam, the fused Triton loss) makes no
+  host synchronisation: CUDA's sync debug mode turns any sync into an error;
+- a short run with AMP and torch.compile completes and records GPU figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fasthpa.train as train_mod
+from fasthpa.config import TrainConfig
+
+pytestmark = pytest.mark.gpu
+
+
+def test_train_step_makes_no_host_sync():
+    from fasthpa.model import build_model
+
+    device = torch.device("cuda")
+    model, _ = build_model("resnet18", pretrained="none")
+    model = model.to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    cfg = TrainConfig()
+    cfg.loss.loss = "wbce"
+    rng = np.random.default_rng(0)
+    targets = (rng.random((64, 28)) < 0.1).astype(np.uint8)
+    loss_fn = train_mod.make_loss(cfg, targets, device)
+    x = torch.randn(8, 4, 64, 64, device=device).to(memory_format=torch.channels_last)
+    x = x.to(torch.bfloat16)
+    y = torch.from_numpy(targets[:8]).float().to(device)
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+
+    loss_buf = torch.zeros(4, device=device)
+    step = train_mod.train_step
+    step(model, opt, None, loss_fn, [(x, y)], autocast, contextlib.nullcontext)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(3):
+            loss_buf[i] = step(
+                model, opt, None, loss_fn, [(x, y)], autocast, contextlib.nullcontext
+            )
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss_buf[:3]).all()
+
+
+def test_short_amp_compiled_run_on_cuda(tmp_path: Path):
+    from fasthpa.data.synth import generate
+
+    root = tmp_path / "data"
+    generate(root, n=96, size=64, test_n=0, seed=0, workers=1)
+    run = tmp_path / "run"
+    argv = [
+        "--data", str(root), "--out", str(run), "--image-size", "64", "--batch-size", "16",
+        "--epochs", "1", "--max-steps", "4", "--workers", "2", "--no-progress",
+        "--pretrained", "none", "--split", "0.75,0.25,0", "--log-every", "2",
+        "--amp", "bf16", "--compile",
+    ]  # fmt: skip
+    assert train_mod.main(argv) == 0
+    env = json.loads((run / "env.json").read_text())
+    assert env["compile"] is True and env["amp"] == "bfloat16" and env["cuda_devices"]
+    steps = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["kind"] == "step"]
+    assert steps and all(r["max_allocated_gib"] > 0 for r in steps)
