@@ -37,3 +37,21 @@ def exit_on_user_error(fn: F) -> F:
             raise SystemExit(EXIT_USER_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def module_main(prog: str, doc: str, configure_parser, run, argv: list[str] | None) -> int:
+    """The body of ``python -m fasthpa.X`` (and torchrun ... -m fasthpa.X): the subcommand's own
+    parser and runner, with user errors turned into one line and exit status 2."""
+    import argparse
+
+    @exit_on_user_error
+    def main() -> int:
+        parser = argparse.ArgumentParser(
+            prog=prog,
+            description=doc.splitlines()[0],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        configure_parser(parser)
+        return run(parser.parse_args(argv))
+
+    return main()

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fasthpa.errors import UserError, exit_on_user_error
+from fasthpa.errors import UserError, module_main
 from fasthpa.labels import NUM_LABELS
 
 if TYPE_CHECKING:
@@ -701,15 +701,8 @@ def _print_summary(result: PredictResult, args: argparse.Namespace) -> None:
     print(line)
 
 
-@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fasthpa.predict",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
+    return module_main("python -m fasthpa.predict", __doc__, configure_parser, run, argv)
 
 
 if __name__ == "__main__":

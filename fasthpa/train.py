@@ -55,7 +55,7 @@ from fasthpa.distributed import (
     cleanup,
     init_distributed,
 )
-from fasthpa.errors import UserError, exit_on_user_error
+from fasthpa.errors import UserError, module_main
 from fasthpa.evaluate import predict_probs
 from fasthpa.io import atomic_write_json, atomic_write_text
 from fasthpa.labels import NUM_LABELS
@@ -248,7 +248,6 @@ def resolve_config(
 
 def prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> DataParts:
     """The split (kept in the run folder), the pixel source and the channel statistics."""
-    from fasthpa.data.dataset import load_split
     from fasthpa.data.loader import open_source
     from fasthpa.data.splits import (
         fold_split,
@@ -259,21 +258,22 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> DataParts:
     )
     from fasthpa.data.stats import compute_channel_stats, load_stats, save_stats
 
-    split = load_split(cfg.data.data, "train")
-    # open_source checks that every channel file exists (4-file layout) or the pack covers the ids
+    # Ids and targets come from train.csv (read once, by open_source), the pixels from the
+    # Kaggle layout or a pack whose Ids it has checked
     source = open_source(cfg.data.data, "train", cfg.data.packed)
+    ids, targets = source.ids, source.targets
     split_path = run_dir / "split.csv"
     if split_path.exists():
-        assignment = read_split_csv(split_path, split.ids)
+        assignment = read_split_csv(split_path, ids)
     elif cfg.data.fold:
         k, n = parse_fold(cfg.data.fold)
-        assignment = fold_split(split.targets, k, n, cfg.run.seed)
+        assignment = fold_split(targets, k, n, cfg.run.seed)
     elif Path(cfg.data.split).suffix == ".csv" or Path(cfg.data.split).is_file():
-        assignment = read_split_csv(cfg.data.split, split.ids)
+        assignment = read_split_csv(cfg.data.split, ids)
     else:
-        assignment = stratified_split(split.targets, parse_fractions(cfg.data.split), cfg.run.seed)
+        assignment = stratified_split(targets, parse_fractions(cfg.data.split), cfg.run.seed)
     if info.is_main and not split_path.exists():
-        write_split_csv(split_path, split.ids, assignment)
+        write_split_csv(split_path, ids, assignment)
     train_idx, dev_idx, test_idx = (np.flatnonzero(assignment == k) for k in range(3))
     if len(dev_idx) == 0:
         raise UserError(
@@ -288,7 +288,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> DataParts:
             stats = compute_channel_stats(source, train_idx, seed=cfg.run.seed)
             save_stats(stats_path, stats)
     stats = broadcast_object(stats, info)
-    return DataParts(source, split.ids, split.targets, train_idx, dev_idx, test_idx, stats)
+    return DataParts(source, ids, targets, train_idx, dev_idx, test_idx, stats)
 
 
 def make_loss(cfg: TrainConfig, train_targets: np.ndarray, device: torch.device):
@@ -860,15 +860,8 @@ def run(args: argparse.Namespace) -> int:
     return train(config_from_args(args), args, defaults)
 
 
-@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fasthpa.train",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
+    return module_main("python -m fasthpa.train", __doc__, configure_parser, run, argv)
 
 
 if __name__ == "__main__":
