@@ -80,7 +80,9 @@ def measure(
     """samples/s for each size x layout x backend; rows are dicts ready for write_results."""
     import torch
 
-    from fasthpa.data.loader import ChannelStats, build_loader, open_source
+    from fasthpa.data.loader import build_loader
+    from fasthpa.data.source import open_source
+    from fasthpa.data.stats import ChannelStats
 
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.data) if args.data not in ("synth", "random") else work / "data"
         t0 = time.perf_counter()
         described = make_dataset(root, args.data, args.n, args.stored_size, threads)
-        from fasthpa.data.loader import open_source, stored_size
+        from fasthpa.data.source import open_source, stored_size
 
         stored = stored_size(open_source(root))[0]
         pack_dirs = packs(root, work, sizes, stored, threads)

@@ -448,7 +448,8 @@ def _synthetic_data(opts: Options, batch: int, work: Path) -> tuple[Path, str]:
 def _e2e_loader(root: Path, step: TrainStep, batch: int, opts: Options, stats):
     import numpy as np
 
-    from fasthpa.data.loader import build_loader, open_source
+    from fasthpa.data.loader import build_loader
+    from fasthpa.data.source import open_source
 
     source = open_source(root, "train")
     return build_loader(

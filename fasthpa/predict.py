@@ -66,7 +66,7 @@ from fasthpa.labels import NUM_LABELS
 if TYPE_CHECKING:
     import torch
 
-    from fasthpa.data.loader import DataSource
+    from fasthpa.data.source import DataSource
     from fasthpa.distributed import DistInfo
 
 CHECKPOINTS = ("best", "last")
@@ -297,7 +297,7 @@ def select_rows(
     must have its images (or its packed file); otherwise a UserError naming the ids file.
     """
     from fasthpa.data.dataset import SPLIT_CSV, read_ids_csv, read_targets_csv
-    from fasthpa.data.loader import DataSource, open_source
+    from fasthpa.data.source import DataSource, open_source
     from fasthpa.data.splits import SPLIT_NAMES, read_split_csv
 
     if split not in SPLITS:
@@ -492,7 +492,8 @@ def build_predictor(
     """
     import torch
 
-    from fasthpa.data.loader import AugmentConfig, build_loader
+    from fasthpa.data.contract import AugmentConfig
+    from fasthpa.data.loader import build_loader
     from fasthpa.model import build_model
     from fasthpa.train import amp_dtype
 

@@ -248,7 +248,7 @@ def resolve_config(
 
 def prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> DataParts:
     """The split (kept in the run folder), the pixel source and the channel statistics."""
-    from fasthpa.data.loader import open_source
+    from fasthpa.data.source import open_source
     from fasthpa.data.splits import (
         fold_split,
         parse_fractions,
@@ -393,7 +393,8 @@ def train(
 
 
 def _train(cfg: TrainConfig, info: DistInfo, stop: StopFlag, args, parser_defaults) -> int:
-    from fasthpa.data.loader import AugmentConfig, build_loader
+    from fasthpa.data.contract import AugmentConfig
+    from fasthpa.data.loader import build_loader
     from fasthpa.envinfo import environment
     from fasthpa.model import build_model, default_pretrained, set_frozen_bn_eval
 

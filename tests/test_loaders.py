@@ -19,16 +19,12 @@ import torch
 from helpers import write_tiny_dataset
 from PIL import Image
 
-from fasthpa.data.loader import (
-    AugmentConfig,
-    ChannelStats,
-    DataSource,
-    build_loader,
-    open_source,
-    read_sample,
-)
+from fasthpa.data.contract import AugmentConfig
+from fasthpa.data.loader import build_loader
 from fasthpa.data.pack import pack_dataset, resize_sample
 from fasthpa.data.sharding import augment_draws, epoch_plan, num_batches
+from fasthpa.data.source import DataSource, open_source, read_sample
+from fasthpa.data.stats import ChannelStats
 from fasthpa.errors import UserError
 from fasthpa.labels import NUM_LABELS
 

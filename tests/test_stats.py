@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from helpers import write_tiny_dataset
 
-from fasthpa.data.loader import open_source
 from fasthpa.data.pack import pack_dataset
+from fasthpa.data.source import open_source
 from fasthpa.data.stats import (
     ChannelStats,
     channel_histograms,

@@ -50,10 +50,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fasthpa.data.contract import LoaderSpec, lookup_labels, targets_on_device
 from fasthpa.data.dataset import decode_png
-from fasthpa.data.loader import LoaderSpec
 from fasthpa.data.pack import read_packed
-from fasthpa.data.torch_loader import lookup_labels, targets_on_device
 from fasthpa.errors import UserError
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,16 +1,7 @@
-"""The input pipeline's contract: where pixels come from, and batches ready for the model.
+"""The loader factory: ``build_loader`` validates a request once and picks a backend.
 
-A batch is ``(images, labels, index)``:
-
-- ``images``: [B, C, H, W] (C = 4 for RGBY, 3 for RGB) in channels_last memory format (the
-  pipeline emits HWC and the batch is a zero-copy ``permute(0, 3, 1, 2)`` view), normalised with
-  the run's :class:`ChannelStats`, in the training dtype, on the training device;
-- ``labels``: [B, 28] float32 multi-hot on the device (zeros for an unlabelled split);
-- ``index``: int64 [B] on the device, the dataset row of each sample; ``-1`` marks padding
-  (eval only), which the evaluator masks out, so every real row is seen exactly once.
-
-Sharding, shuffling and augmentation draws follow :mod:`fasthpa.data.sharding`, shared by every
-backend, so the DALI pipelines and the PyTorch twin produce the same samples in the same order.
+What a batch is, and the rules every backend follows, are in :mod:`fasthpa.data.contract`; where
+pixels come from in :mod:`fasthpa.data.source`.
 
 Backends (``build_loader(..., backend=)``, the ``--loader`` flag):
 
@@ -38,196 +29,26 @@ Call::
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fasthpa.data.dataset import channel_paths, load_sample, load_split, missing_files
-from fasthpa.data.pack import MANIFEST, packed_path, read_packed
-from fasthpa.data.stats import ChannelStats, compute_channel_stats, load_stats, save_stats
+from fasthpa.data.contract import (
+    BACKENDS,
+    CHANNEL_SETS,
+    AugmentConfig,
+    BatchLoader,
+    LoaderSpec,
+)
+from fasthpa.data.source import DataSource, stored_size
+from fasthpa.data.stats import ChannelStats
 from fasthpa.errors import UserError
-from fasthpa.labels import CHANNELS
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = [
-    "AugmentConfig",
-    "BatchLoader",
-    "ChannelStats",
-    "DataSource",
-    "build_loader",
-    "compute_channel_stats",
-    "dali_available",
-    "load_stats",
-    "open_source",
-    "read_sample",
-    "save_stats",
-    "stored_size",
-]
-
-BACKENDS = ("auto", "torch", "dali", "cache")
-CHANNEL_SETS = {"rgby": 4, "rgb": 3}
-SOURCE_KINDS = ("kaggle", "packed", "npy")
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentations; evaluation applies none (only the centre crop, see below)."""
-
-    hflip: bool = True
-    """random horizontal flip (the reference recipe)"""
-    vflip: bool = True
-    """random vertical flip (the reference recipe)"""
-    dihedral: bool = False
-    """random view out of the 8 of the dihedral group: an H/W transposition and both flips, each
-    drawn with ``flip_p`` (with 0.5 that is rot90 by k in 0..3, then an optional flip, uniformly);
-    implies hflip and vflip; needs square images"""
-    random_crop: int | None = None
-    """side of a random square crop taken after the resize; eval takes the centred crop"""
-    flip_p: float = 0.5
-    """probability of each flip (and of the transposition); 1.0 forces them (tests)"""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.flip_p <= 1.0:
-            raise UserError(f"flip probability {self.flip_p} is outside 0-1.")
-        if self.random_crop is not None and self.random_crop < 1:
-            raise UserError(f"--random-crop {self.random_crop}: must be at least 1 pixel.")
-
-    def probabilities(self) -> tuple[float, float, float]:
-        """(hflip, vflip, transpose) probabilities."""
-        h = self.flip_p if (self.hflip or self.dihedral) else 0.0
-        v = self.flip_p if (self.vflip or self.dihedral) else 0.0
-        t = self.flip_p if self.dihedral else 0.0
-        return h, v, t
-
-
-@dataclass
-class DataSource:
-    """Where pixels come from: one of three layouts.
-
-    ``kind`` is "kaggle" (4 stain PNGs per sample in ``root`` = ROOT/train), "packed" (one RGBA
-    PNG per sample, ``fasthpa pack``) or "npy" (decoded uint8 HWC cache, ``--format npy``);
-    ``targets`` is uint8 [N, 28] or None; ``size`` is the cache's side (npy only).
-    """
-
-    kind: str
-    root: Path
-    ids: list[str]
-    targets: np.ndarray | None
-    size: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in SOURCE_KINDS:
-            raise ValueError(f"DataSource.kind {self.kind!r} is not one of {SOURCE_KINDS}.")
-        self.root = Path(self.root)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def sample_paths(self, row: int, channels: int = 4) -> list[Path]:
-        """The file(s) holding dataset row ``row``: C stain PNGs, or one packed file."""
-        sample_id = self.ids[row]
-        if self.kind == "kaggle":
-            return channel_paths(self.root, sample_id, CHANNELS[:channels])
-        return [packed_path(self.root, sample_id, "npy" if self.kind == "npy" else "png")]
-
-
-class BatchLoader(Protocol):
-    """What ``build_loader`` returns, whatever the backend."""
-
-    backend: str
-
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle for ``epoch`` (seeded by (seed, epoch); the same permutation on all ranks)."""
-
-    def __len__(self) -> int:
-        """Batches this rank yields per epoch (equal on all ranks)."""
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield (images, labels, index) batches; see the module docstring."""
-
-
-def read_sample(source: DataSource, row: int, channels: int = 4) -> np.ndarray:
-    """Decode dataset row ``row`` of ``source`` to uint8 [H, W, channels] as stored (no resize).
-
-    The plain reference every backend is tested against: PNGs go through the dataset layer's
-    exact-or-reject rule, packed files through ``read_packed``.
-    """
-    if source.kind == "kaggle":
-        return load_sample(source.root, source.ids[row], CHANNELS[:channels])
-    img = read_packed(source.sample_paths(row)[0])
-    return img if channels == 4 else np.ascontiguousarray(img[..., :channels])
-
-
-def stored_size(source: DataSource, row: int = 0) -> tuple[int, int]:
-    """(height, width) of row ``row`` as stored, read from the file header (no decode)."""
-    path = source.sample_paths(row, 1)[0]
-    if source.kind == "npy":
-        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape[:2])
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.size[1], img.size[0]
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found.") from None
-    except OSError as e:
-        raise UserError(f"{path}: not a readable PNG ({e}).") from None
-
-
-def open_source(
-    data_root: str | os.PathLike, split: str = "train", packed: str | os.PathLike | None = None
-) -> DataSource:
-    """Index ``split`` of the Kaggle-layout dataset at ``data_root``, optionally read from a pack.
-
-    ``packed`` is a folder written by ``fasthpa pack`` (its pack.json says png or npy); its Ids
-    must cover the split's Ids. Ids, order and targets always come from the split's CSV.
-    """
-    data = load_split(data_root, split)
-    if packed is None:
-        missing = missing_files(data)
-        if missing:
-            raise UserError(
-                f"{data.image_dir}: {len(missing)} channel file(s) missing (first: "
-                f"{missing[0].name}); run `fasthpa check` for details."
-            )
-        return DataSource("kaggle", data.image_dir, list(data.ids), data.targets, None)
-    pack_dir = Path(packed)
-    manifest_path = pack_dir / MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        fmt, size = manifest["format"], manifest.get("size")
-    except FileNotFoundError:
-        raise UserError(
-            f"--packed {pack_dir}: no {MANIFEST} there; write the pack with `fasthpa pack`."
-        ) from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{manifest_path}: not a valid pack manifest ({e}).") from None
-    if fmt not in ("png", "npy"):
-        raise UserError(f"{manifest_path}: unknown pack format {fmt!r}.")
-    if manifest.get("split", split) != split:
-        raise UserError(
-            f"--packed {pack_dir} holds the {manifest.get('split')!r} split, not {split!r}."
-        )
-    present = {e.name for e in os.scandir(pack_dir)}
-    absent = [i for i in data.ids if f"{i}.{fmt}" not in present]
-    if absent:
-        raise UserError(
-            f"--packed {pack_dir}: {len(absent)} of the {len(data.ids)} {split} Ids are not in the "
-            f"pack (first: {absent[0]}); re-run `fasthpa pack` on {data.root}."
-        )
-    kind = "npy" if fmt == "npy" else "packed"
-    source = DataSource(kind, pack_dir, list(data.ids), data.targets, size)
-    if kind == "npy" and size is None:
-        source.size = stored_size(source)[0]
-    return source
+__all__ = ["build_loader", "dali_available"]
 
 
 def dali_available() -> bool:
@@ -237,66 +58,6 @@ def dali_available() -> bool:
     except Exception:  # a broken install counts as missing: the twin still works
         return False
     return True
-
-
-@dataclass(frozen=True)
-class LoaderSpec:
-    """Everything a backend needs, validated once by :func:`build_loader`."""
-
-    source: DataSource
-    indices: np.ndarray
-    train: bool
-    batch_size: int
-    channels: int
-    image_size: int | None
-    side: int
-    """side of the (square) image after the resize, before the crop"""
-    crop: int | None
-    augment: AugmentConfig
-    stats: ChannelStats
-    device: torch.device
-    dtype: torch.dtype
-    rank: int
-    world_size: int
-    seed: int
-    workers: int
-
-    @property
-    def out_side(self) -> int:
-        return self.crop if self.crop is not None else self.side
-
-    def draws(self, epoch: int, step: int):
-        """This batch's augmentation draws (:func:`fasthpa.data.sharding.augment_draws`)."""
-        from fasthpa.data.sharding import augment_draws
-
-        h, v, t = self.augment.probabilities()
-        return augment_draws(
-            self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank, step=step,
-            world_size=self.world_size, train=self.train, hflip_p=h, vflip_p=v, transpose_p=t, image_size=self.side,
-            crop=self.crop,
-        )  # fmt: skip
-
-    def plan(self, epoch: int) -> np.ndarray:
-        from fasthpa.data.sharding import epoch_plan
-
-        return epoch_plan(
-            self.indices, train=self.train, batch_size=self.batch_size, rank=self.rank,
-            world_size=self.world_size, seed=self.seed, epoch=epoch,
-        )  # fmt: skip
-
-    def batches(self) -> int:
-        """Batches per epoch on this rank (the same every epoch and on every rank)."""
-        from fasthpa.data.sharding import num_batches
-
-        return num_batches(
-            len(self.indices), train=self.train, batch_size=self.batch_size,
-            world_size=self.world_size,
-        )  # fmt: skip
-
-    @property
-    def pad_row(self) -> int:
-        """The row whose pixels fill padding slots (their index is -1, so they are masked)."""
-        return int(self.indices[0])
 
 
 def build_loader(

@@ -30,7 +30,7 @@ from fasthpa.errors import UserError
 from fasthpa.io import atomic_write_json
 
 if TYPE_CHECKING:
-    from fasthpa.data.loader import DataSource
+    from fasthpa.data.source import DataSource
 
 
 @dataclass
@@ -86,7 +86,7 @@ def compute_channel_stats(
     At most ``max_samples`` rows are read, chosen without replacement with ``seed``; ``workers``
     threads decode in parallel (0: one per CPU core, at most 8).
     """
-    from fasthpa.data.loader import read_sample
+    from fasthpa.data.source import read_sample
 
     rows = np.asarray(indices, dtype=np.int64).reshape(-1)
     if len(rows) == 0:

@@ -21,10 +21,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fasthpa.data.loader import LoaderSpec, read_sample
+from fasthpa.data.contract import LoaderSpec, lookup_labels, targets_on_device
 from fasthpa.data.pack import resize_sample
+from fasthpa.data.source import read_sample
 from fasthpa.errors import UserError
-from fasthpa.labels import NUM_LABELS
 
 
 class _BatchReader(torch.utils.data.Dataset):
@@ -137,24 +137,6 @@ def augment_and_normalise(
 ) -> torch.Tensor:
     """:func:`augment_on_device` then :func:`normalise` (the CUDA path, after the copy)."""
     return normalise(augment_on_device(pixels, draws, spec), spec)
-
-
-def lookup_labels(
-    targets: torch.Tensor | None, rows: torch.Tensor, batch_size: int, device: torch.device
-) -> torch.Tensor:
-    """float32 [B, 28] labels of ``rows`` (int64 on the device); zeros for padding and no targets."""
-    if targets is None:
-        return torch.zeros(batch_size, NUM_LABELS, dtype=torch.float32, device=device)
-    real = rows >= 0
-    labels = targets.index_select(0, rows.clamp(min=0))
-    return labels * real[:, None].to(labels.dtype)
-
-
-def targets_on_device(spec: LoaderSpec) -> torch.Tensor | None:
-    t = spec.source.targets
-    if t is None:
-        return None
-    return torch.as_tensor(np.asarray(t), dtype=torch.float32).to(spec.device)
 
 
 class TorchBatchLoader:
