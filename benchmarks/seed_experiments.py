@@ -143,7 +143,7 @@ def prepare_data(opts: Options) -> str:
 
 def train_in_process(argv: list[str], log_path: Path) -> tuple[int, float, str]:
     """``fasthpa.train.main(argv)`` here, its output into ``log_path``; same return as run_one."""
-    from fasthpa.train import main as train_main
+    from fasthpa.train.cli import main as train_main
 
     t0 = time.perf_counter()
     with (

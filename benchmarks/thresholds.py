@@ -83,7 +83,7 @@ def timed(fn, device: str, repeats: int, budget_s: float) -> dict[str, float]:
 
 def exact_search(p, y, backend: str | None):
     """The exact search alone (sort, cumulative TP, argmax), without input checks or metrics."""
-    from fasthpa.thresholds import _exact_search, _sort_scores
+    from fasthpa.thresholds.search import _exact_search, _sort_scores
 
     return _exact_search(_sort_scores(p, y, backend))
 
@@ -98,7 +98,8 @@ def main() -> None:
     from rich.table import Table
 
     from fasthpa.envinfo import device_name
-    from fasthpa.thresholds import _as_tensors, fit_thresholds
+    from fasthpa.thresholds import fit_thresholds
+    from fasthpa.thresholds.search import _as_tensors
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU, N up to 1e5, under a minute")

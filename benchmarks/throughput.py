@@ -243,19 +243,11 @@ class TrainStep:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def __call__(self, x, y):
-        from fasthpa.train import train_step
+        from fasthpa.train.step import train_step
 
         if not self.cfg.channels_last and not x.is_contiguous():
             x = x.contiguous()  # an NCHW pipeline hands the model a contiguous batch
-        return train_step(
-            self.model,
-            self.optimizer,
-            None,
-            self.loss_fn,
-            [(x, y)],
-            self.autocast,
-            contextlib.nullcontext,
-        )
+        return train_step(self.model, self.optimizer, None, self.loss_fn, [(x, y)], self.autocast)
 
 
 def timed_first_step(fn: Callable[[], Any], device) -> float:
@@ -475,7 +467,7 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
 
     from fasthpa.data.stats import ChannelStats
     from fasthpa.envinfo import device_name
-    from fasthpa.train import enable_tf32
+    from fasthpa.runtime import enable_tf32
 
     device = resolve_device(opts.device)
     if device.type == "cuda":  # the trainer's settings, so the figures match a real run

@@ -11,38 +11,31 @@ import importlib
 import sys
 
 from fasthpa import __version__
-from fasthpa.errors import UserError, exit_on_user_error
+from fasthpa.errors import OneLineParser, UserError, exit_on_user_error
 
 # name -> (module, one-line help). Order follows the data flow.
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("fasthpa.data.synth", "write a synthetic dataset in the Kaggle HPA layout"),
     "check": ("fasthpa.data.check", "validate a Kaggle-layout dataset and print a summary"),
     "pack": ("fasthpa.data.pack", "pack 4 stain PNGs into one RGBA PNG (or a decoded .npy cache)"),
-    "train": ("fasthpa.train", "train a classifier (also: python -m fasthpa.train, torchrun)"),
-    "thresholds": ("fasthpa.thresholds", "fit per-label decision thresholds on dev probabilities"),
-    "predict": ("fasthpa.predict", "predict a Kaggle submission from a trained run"),
+    "train": ("fasthpa.train.cli", "train a classifier (also: python -m fasthpa.train, torchrun)"),
+    "cv": ("fasthpa.cv.cli", "K-fold cross-validation: fold runs, out-of-fold thresholds"),
+    "thresholds": ("fasthpa.thresholds.cli", "fit per-label thresholds on saved probabilities"),
+    "predict": ("fasthpa.predict.cli", "predict a Kaggle submission from a trained run"),
     "report": ("fasthpa.report", "write plots and report.md for one or more runs"),
     "weights": ("fasthpa.weights", "fetch or list cached ImageNet checkpoints"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="fasthpa",
         description="Train multi-label protein-localisation classifiers on HPA images, fast.",
     )
     parser.add_argument("--version", action="version", version=f"fasthpa {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            p = sub.add_parser(name, help=f"{help_text} [not available yet]")
-            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-            p.set_defaults(_run=_not_available(name))
-            continue
+        module = importlib.import_module(module_name)
         p = sub.add_parser(
             name,
             help=help_text,
@@ -52,14 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
         module.configure_parser(p)
         p.set_defaults(_run=module.run)
     return parser
-
-
-def _not_available(name: str):
-    def run(args) -> int:
-        print(f"error: 'fasthpa {name}' is not available yet in this version.", file=sys.stderr)
-        return 3
-
-    return run
 
 
 @exit_on_user_error

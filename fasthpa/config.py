@@ -1,10 +1,19 @@
 """The training configuration: one dataclass tree, each field documented and validated.
 
-Command-line flags are generated from the fields (``--batch-size`` for ``batch_size``; booleans get
-``--x/--no-x``), so ``fasthpa train --help`` documents every field. Defaults reproduce the reference
-recipe (../shared/reference/hpa.md): ResNet18 with a 4-channel ImageNet-style stem, adaptive
-average pooling, 512 px, Adam lr 1e-3 betas (0.9, 0.999) eps 1e-8, weighted BCE, flips, batch
-size 8, a 90/5/5 multi-label stratified split.
+This is the one place where user values are checked (builders downstream only assert), and the
+choice lists come from the modules that own them (the loader contract, the model, the loss, the
+runtime glue). Command-line flags are generated from the fields (``--batch-size`` for
+``batch_size``; booleans get ``--x/--no-x``), so ``fasthpa train --help`` documents every field::
+
+    cfg = TrainConfig()                                   # every default
+    cfg = TrainConfig.from_dict(json.load(open("runs/r18/config.json")))
+    parser = argparse.ArgumentParser(); add_config_arguments(parser)
+    args = parser.parse_args(["--data", "ROOT", "--lr", "3e-3"])
+    cfg, explicit = config_from_args(args)                # explicit == {"data.data", "optim.lr"}
+
+Defaults are the reference report's recipe (../shared/reference/hpa.md): ResNet18 with a
+4-channel stem, adaptive average pooling, 512 px, Adam lr 1e-3 betas (0.9, 0.999) eps 1e-8,
+weighted BCE, flips, batch size 8, a 90/5/5 multi-label stratified split.
 """
 
 from __future__ import annotations
@@ -12,23 +21,70 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fasthpa.data.contract import BACKENDS, CHANNEL_SETS
+from fasthpa.distributed import DEVICE_CHOICES
 from fasthpa.errors import UserError
+from fasthpa.loss import FOCAL_VARIANTS, LOSSES
+from fasthpa.model import HEADS, YELLOW_INITS
+from fasthpa.runtime import AMP_CHOICES, COMPILE_MODES, LR_SCHEDULES
+from fasthpa.weights import ARCHS
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "densenet121")
 
-
-def _f(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
     """A dataclass field carrying its CLI help (and choices) as metadata."""
-    meta = {"help": help, "choices": choices, **kw}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None}
     return field(default=default, metadata=meta)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_range(
+    obj: Any,
+    name: str,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> None:
+    """UserError naming the flag unless ``obj.name`` is None or a finite number in the range."""
+    value = getattr(obj, name)
+    if value is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = number and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if ok:
+        return
+    lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
+    hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi:g}"
+    rule = " and ".join(s for s in (lo_s, hi_s) if s)
+    kind = "an integer" if isinstance(value, int) and number else "a finite number"
+    raise UserError(f"{_flag(name)} {value}: must be {kind} {rule}.")
+
+
+def _check_choice(obj: Any, name: str) -> None:
+    choices = obj.__dataclass_fields__[name].metadata["choices"]
+    value = getattr(obj, name)
+    if choices and value not in choices:
+        raise UserError(f"{_flag(name)} {value!r}: must be one of {', '.join(choices)}.")
+
+
+def _check_choices(obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        _check_choice(obj, f.name)
 
 
 @dataclass
@@ -51,46 +107,38 @@ class DataConfig:
     hflip: bool = _f(True, "random horizontal flips")
     vflip: bool = _f(True, "random vertical flips")
     dihedral: bool = _f(False, "random 90-degree rotations too (the full dihedral group)")
-    channels: str = _f("rgby", "input stains: all four, or RGB only", choices=("rgby", "rgb"))
+    channels: str = _f("rgby", "input stains: all four, or RGB only", CHANNEL_SETS)
     loader: str = _f(
-        "auto",
-        "input pipeline: DALI if installed else PyTorch (auto), or forced",
-        choices=("auto", "dali", "torch", "cache"),
+        "auto", "input pipeline: DALI if installed else PyTorch (auto), or forced", BACKENDS
     )
     workers: int = _f(4, "loader worker processes / DALI CPU threads per rank")
 
     def __post_init__(self) -> None:
-        if self.image_size < 16:
-            raise UserError(f"--image-size {self.image_size}: must be at least 16.")
-        if self.random_crop is not None and not 8 <= self.random_crop <= self.image_size:
-            raise UserError(
-                f"--random-crop {self.random_crop}: must be between 8 and --image-size {self.image_size}."
-            )
-        if self.workers < 0:
-            raise UserError(f"--workers {self.workers}: must be >= 0.")
+        _check_choices(self)
+        _check_range(self, "image_size", 16)
+        _check_range(self, "random_crop", 8, self.image_size)
+        _check_range(self, "workers", 0)
         if self.fold is not None:
             parse_fold(self.fold)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = _f("resnet18", "network architecture (torchvision)", choices=ARCHS)
+    arch: str = _f("resnet18", "network architecture (torchvision)", ARCHS)
     pretrained: str = _f(
         "auto",
         "imagenet (torchvision's cached checkpoint), none, a checkpoint PATH, or auto: imagenet "
         "when its file is cached, else none",
     )
-    yellow_init: str = _f(
-        "xavier", "how the 4th (yellow) stem filter starts", choices=("xavier", "mean", "red")
-    )
-    head: str = _f("avgpool", "pooling before the classifier", choices=("avgpool", "maxavg"))
+    yellow_init: str = _f("xavier", "how the 4th (yellow) stem filter starts", YELLOW_INITS)
+    head: str = _f("avgpool", "pooling before the classifier", HEADS)
     dropout: float = _f(0.0, "dropout before the classifier")
     freeze_backbone: bool = _f(False, "train only the classifier (the reference's frozen run)")
     sync_bn: bool = _f(False, "SyncBatchNorm across ranks (CUDA only)")
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout {self.dropout}: must be in [0, 1).")
+        _check_choices(self)
+        _check_range(self, "dropout", 0.0, 1.0, hi_open=True)
 
 
 @dataclass
@@ -98,21 +146,20 @@ class LossConfig:
     loss: str = _f(
         "wbce",
         "bce, weighted bce (w = 1 - label frequency of the training split), or focal",
-        choices=("bce", "wbce", "focal"),
+        LOSSES,
     )
     focal_gamma: float = _f(2.0, "focal loss gamma")
     focal_alpha: float | None = _f(None, "focal loss alpha balancing (None: off)")
     focal_variant: str = _f(
         "standard",
         "standard (1-p_t)^gamma, or the p_t^gamma factor printed in the reference report",
-        choices=("standard", "reference_report"),
+        FOCAL_VARIANTS,
     )
 
     def __post_init__(self) -> None:
-        if self.focal_gamma < 0:
-            raise UserError(f"--focal-gamma {self.focal_gamma}: must be >= 0.")
-        if self.focal_alpha is not None and not 0 <= self.focal_alpha <= 1:
-            raise UserError(f"--focal-alpha {self.focal_alpha}: must be in [0, 1].")
+        _check_choices(self)
+        _check_range(self, "focal_gamma", 0.0)
+        _check_range(self, "focal_alpha", 0.0, 1.0)
 
 
 @dataclass
@@ -122,21 +169,21 @@ class OptimConfig:
     beta2: float = _f(0.999, "Adam beta2")
     eps: float = _f(1e-8, "Adam epsilon")
     weight_decay: float = _f(0.0, "weight decay (AdamW-style, decoupled, when > 0)")
-    lr_schedule: str = _f(
-        "constant", "learning-rate schedule", choices=("constant", "cosine", "onecycle")
-    )
+    lr_schedule: str = _f("constant", "learning-rate schedule", LR_SCHEDULES)
     warmup_epochs: float = _f(0.0, "linear warm-up length in epochs (fractions allowed)")
     grad_accum: int = _f(
         1, "micro-batches per optimiser step (global batch = batch x accum x ranks)"
     )
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise UserError(f"--lr {self.lr}: must be > 0.")
-        if self.warmup_epochs < 0:
-            raise UserError(f"--warmup-epochs {self.warmup_epochs}: must be >= 0.")
-        if self.grad_accum < 1:
-            raise UserError(f"--grad-accum {self.grad_accum}: must be >= 1.")
+        _check_choices(self)
+        _check_range(self, "lr", 0.0, 10.0, lo_open=True)
+        _check_range(self, "beta1", 0.0, 1.0, hi_open=True)
+        _check_range(self, "beta2", 0.0, 1.0, hi_open=True)
+        _check_range(self, "eps", 0.0, 1.0, lo_open=True)
+        _check_range(self, "weight_decay", 0.0, 10.0)
+        _check_range(self, "warmup_epochs", 0.0, 1000.0)
+        _check_range(self, "grad_accum", 1)
 
 
 @dataclass
@@ -144,18 +191,15 @@ class SpeedConfig:
     amp: str = _f(
         "auto",
         "mixed precision: bf16, fp16 (with a GradScaler), off, or auto (bf16 on CUDA, off on CPU)",
-        choices=("auto", "bf16", "fp16", "off"),
+        AMP_CHOICES,
     )
     channels_last: bool = _f(True, "channels_last memory format for the model and inputs")
     compile: bool | None = _f(None, "torch.compile the model (default: on for CUDA, off on CPU)")
-    compile_mode: str = _f(
-        "default",
-        "torch.compile mode",
-        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    )
-    device: str = _f(
-        "auto", "cuda, cpu, or auto (cuda when available)", choices=("auto", "cuda", "cpu")
-    )
+    compile_mode: str = _f("default", "torch.compile mode", COMPILE_MODES)
+    device: str = _f("auto", "cuda, cpu, or auto (cuda when available)", DEVICE_CHOICES)
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
 
 
 @dataclass
@@ -176,11 +220,10 @@ class RunConfig:
     progress: bool = _f(True, "rich progress bar on rank 0")
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "log_every", "eval_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1.")
-        if self.checkpoint_every < 0:
-            raise UserError(f"--checkpoint-every {self.checkpoint_every}: must be >= 0.")
+        for name in ("epochs", "batch_size", "log_every", "eval_every", "max_steps"):
+            _check_range(self, name, 1)
+        _check_range(self, "checkpoint_every", 0)
+        _check_range(self, "seed", 0)
 
 
 @dataclass
@@ -192,17 +235,28 @@ class TrainConfig:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the model (4 for rgby, 3 for rgb)."""
+        return CHANNEL_SETS[self.data.channels]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build (and validate) a config from nested dicts; missing fields take their defaults,
+        unknown ones are ignored (config.json of an older version still loads)."""
         sections = {}
-        for f in dataclasses.fields(cls):
-            sub_cls = typing.get_type_hints(cls)[f.name]
+        for name, sub_cls in _sections():
             known = {g.name for g in dataclasses.fields(sub_cls)}
-            sections[f.name] = sub_cls(**{k: v for k, v in d.get(f.name, {}).items() if k in known})
+            sections[name] = sub_cls(**{k: v for k, v in d.get(name, {}).items() if k in known})
         return cls(**sections)
+
+
+def _sections() -> list[tuple[str, type]]:
+    hints = typing.get_type_hints(TrainConfig)
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
 
 
 def parse_fold(text: str) -> tuple[int, int]:
@@ -228,46 +282,56 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _none_or(conv):
-    def parse(text: str):
-        return None if text.lower() == "none" else conv(text)
+def _converter(tp: Any, nullable: bool, flag: str):
+    """Parse one flag value as ``tp`` (``none`` for None where allowed), naming the flag on error."""
 
-    parse.__name__ = conv.__name__
+    def parse(text: str):
+        if nullable and text.lower() == "none":
+            return None
+        try:
+            return tp(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {tp.__name__}") from None
+
+    parse.__name__ = tp.__name__
     return parse
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per config field, grouped by section, with the field's help and default."""
-    for section in dataclasses.fields(TrainConfig):
-        sub_cls = typing.get_type_hints(TrainConfig)[section.name]
-        group = parser.add_argument_group(section.name)
+    """Add one flag per config field, grouped by section, with the field's help and default.
+
+    Flags default to "not given" (argparse.SUPPRESS), so the parsed namespace holds exactly the
+    flags on the command line: :func:`config_from_args` fills in the rest and reports which
+    were explicit, without a second parser.
+    """
+    for name, sub_cls in _sections():
+        group = parser.add_argument_group(name)
         hints = typing.get_type_hints(sub_cls)
         for f in dataclasses.fields(sub_cls):
-            flag = "--" + f.name.replace("_", "-")
             tp, nullable = _base_type(hints[f.name])
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kw: dict[str, Any] = {"dest": f"{section.name}.{f.name}", "help": f.metadata["help"]}
+            help_text = f"{f.metadata['help']} (default: {f.default})"
+            kw: dict[str, Any] = {"dest": f"{name}.{f.name}", "help": help_text}
+            kw["default"] = argparse.SUPPRESS
             if tp is bool:
-                kw.update(action=argparse.BooleanOptionalAction, default=default)
+                kw["action"] = argparse.BooleanOptionalAction
+            elif f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
             else:
-                conv = _none_or(tp) if nullable else tp
-                kw.update(type=conv, default=default, metavar=f.name.upper())
-                if f.metadata.get("choices"):
-                    kw["choices"] = f.metadata["choices"]
-                    kw.pop("metavar")
-                if f.metadata.get("required"):
-                    kw["required"] = True
-            group.add_argument(flag, **kw)
+                kw.update(type=_converter(tp, nullable, _flag(f.name)), metavar=f.name.upper())
+            group.add_argument(_flag(f.name), **kw)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Build (and so validate) a TrainConfig from parsed flags."""
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
+    """Build (and so validate) a TrainConfig from parsed flags; also return the explicit ones
+    as ``{"section.field", ...}``."""
     values: dict[str, dict[str, Any]] = {}
+    explicit = set()
     for key, value in vars(args).items():
         if "." in key:
             section, name = key.split(".", 1)
             values.setdefault(section, {})[name] = value
-    return TrainConfig.from_dict(values)
+            explicit.add(key)
+    return TrainConfig.from_dict(values), explicit
 
 
 def save_config(path: str | Path, cfg: TrainConfig) -> None:

@@ -2,16 +2,29 @@
 
 A single process needs no torchrun; under torchrun (one node or many, through its standard
 rendezvous flags) RANK/WORLD_SIZE/LOCAL_RANK come from the environment. NCCL on CUDA, gloo on CPU.
+Under torchrun the process group is initialised even for a world of one, so such a run goes
+through DistributedDataParallel exactly as a multi-GPU one does.
+
+Nodes need not share a disk: :func:`decide_on_main` runs a decision (resume or not, which
+checkpoint, the split) on rank 0 and hands every rank its result, or its error; and
+:func:`check_every_rank` runs a check on every rank (is the dataset here?) and stops all of them
+with the failing rank's one line, naming its host, instead of leaving the others to hang.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+DEVICE_CHOICES = ("auto", "cuda", "cpu")
+"""``--device`` choices: cuda when available (auto), or forced."""
 
 
 @dataclass(frozen=True)
@@ -20,6 +33,8 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    ddp: bool = False
+    """a process group is initialised (torchrun launched us): wrap the model in DDP"""
 
     @property
     def is_main(self) -> bool:
@@ -45,13 +60,15 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    launched = "WORLD_SIZE" in os.environ
+    if launched and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(minutes=30),
             **({"device_id": device} if use_cuda else {}),
         )
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    ddp = launched and dist.is_initialized()
+    return DistInfo(rank, world_size, local_rank, device, ddp=ddp)
 
 
 def barrier(info: DistInfo) -> None:
@@ -101,3 +118,48 @@ def broadcast_object(obj, info: DistInfo, src: int = 0):
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+T = TypeVar("T")
+
+
+def decide_on_main(fn: Callable[[], T], info: DistInfo) -> T:
+    """Run ``fn`` on rank 0 only and return its result on every rank; a UserError it raises is
+    raised on every rank (with rank 0's message), so no rank waits for a decision that failed."""
+    from fasthpa.errors import UserError
+
+    if not info.enabled:
+        return fn()
+    box: list[Any] = [None, None]
+    if info.is_main:
+        try:
+            box[0] = fn()
+        except UserError as e:
+            box[1] = str(e)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise UserError(box[1])
+    return box[0]
+
+
+def check_every_rank(fn: Callable[[], T], info: DistInfo) -> T:
+    """Run ``fn`` on every rank; if it raises a UserError on any rank, raise one on every rank,
+    naming the first failing rank and its host (a rank without the dataset stops the job at
+    once, instead of the others hanging in the next collective until the timeout)."""
+    from fasthpa.errors import UserError
+
+    result, error = None, None
+    try:
+        result = fn()
+    except UserError as e:
+        error = str(e)
+    if not info.enabled:
+        if error is not None:
+            raise UserError(error)
+        return result
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, (error, socket.gethostname()))
+    for rank, (message, host) in enumerate(gathered):
+        if message is not None:
+            raise UserError(f"rank {rank} (host {host}): {message}")
+    return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -39,14 +40,22 @@ def exit_on_user_error(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors (an unknown flag, a bad choice, a missing value)
+    are one line and exit status 2, like every other user error, instead of the whole usage
+    followed by the error."""
+
+    def error(self, message: str):  # noqa: D102 (argparse's hook)
+        raise UserError(f"{self.prog}: {message}")
+
+
 def module_main(prog: str, doc: str, configure_parser, run, argv: list[str] | None) -> int:
     """The body of ``python -m fasthpa.X`` (and torchrun ... -m fasthpa.X): the subcommand's own
     parser and runner, with user errors turned into one line and exit status 2."""
-    import argparse
 
     @exit_on_user_error
     def main() -> int:
-        parser = argparse.ArgumentParser(
+        parser = OneLineParser(
             prog=prog,
             description=doc.splitlines()[0],
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,

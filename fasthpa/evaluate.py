@@ -18,7 +18,7 @@ from fasthpa.labels import NUM_LABELS
 
 @torch.no_grad()
 def predict_probs(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Sequence[torch.nn.Module],
     loader: Any,
     info: DistInfo,
     n_rows: int,
@@ -27,14 +27,17 @@ def predict_probs(
     channels_last: bool = True,
     on_batch: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Mean sigmoid probability over ``views`` (default: the batch as it is) for every row of
-    ``loader`` exactly once.
+    """Mean sigmoid probability over ``views`` (default: the batch as it is) and over the
+    models (one, or an ensemble sharing the loader) for every row of ``loader`` exactly once.
 
     Returns (rows, probs float32 [len(rows), 28]) sorted by row on rank 0, None on other ranks.
     Padding entries (index -1) are dropped; a row seen twice or never is an error, not a skew.
     """
-    was_training = model.training
-    model.eval()
+    models = [model] if isinstance(model, torch.nn.Module) else list(model)
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    count = len(views or (None,)) * len(models)
     probs, index = [], []
     for x, _, idx in loader:
         total = None
@@ -42,11 +45,12 @@ def predict_probs(
             v = x if view is None else view(x)
             if view is not None and channels_last:  # a transposed view loses channels_last
                 v = v.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                logits = model(v)
-            p = torch.sigmoid(logits.float())
-            total = p if total is None else total + p
-        probs.append(total / len(views) if views and len(views) > 1 else total)
+            for m in models:
+                with autocast():
+                    logits = m(v)
+                p = torch.sigmoid(logits.float())
+                total = p if total is None else total + p
+        probs.append(total / count if count > 1 else total)
         index.append(idx)
         if on_batch is not None:
             on_batch()
@@ -59,8 +63,8 @@ def predict_probs(
         p = torch.cat([p, torch.zeros((pad, p.shape[1]), device=device)])
         i = torch.cat([i, torch.full((pad,), -1, dtype=torch.long, device=device)])
         p, i = all_gather_cat(p, info), all_gather_cat(i, info)
-    if was_training:
-        model.train()
+    for m, training in zip(models, was_training):
+        m.train(training)
     if not info.is_main:
         return None
     p, i = p.cpu().numpy(), i.cpu().numpy()

@@ -12,10 +12,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from fasthpa.errors import UserError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, and rename it over ``path``."""
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, and rename it over ``path``.
+
+    A failure of the file system (no space left, no permission, a parent that is a file) is a
+    UserError naming ``path``; the file it would have replaced is untouched.
+    """
     path = Path(path)
+    try:
+        return _atomic_write(path, write)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise UserError(f"{path}: cannot write it ({reason}); nothing was replaced.") from None
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -56,3 +70,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def make_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create folder ``path`` (and its parents) if needed; a UserError naming ``flag`` and the
+    path when it cannot be (it is a file, a parent is a file, no permission, no space)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{flag} {path}: is a file, not a folder.") from None
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create the folder ({e.strerror}).") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: the folder is not writable.")
+    return path

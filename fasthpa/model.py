@@ -54,8 +54,10 @@ __all__ = [
     "YELLOW_INITS",
     "AdaptiveConcatPool2d",
     "HPANet",
+    "Pretrained",
     "build_model",
     "default_pretrained",
+    "load_pretrained",
     "load_torchvision_state_dict",
     "resolve_pretrained",
     "resolve_pretrained_distributed",
@@ -162,37 +164,46 @@ def set_frozen_bn_eval(model: nn.Module) -> int:
     return count
 
 
-def build_model(
-    arch: str = "resnet18",
-    num_classes: int = NUM_LABELS,
-    in_channels: int = 4,
-    pretrained: str | None = None,
-    yellow_init: str = "xavier",
-    head: str = "avgpool",
-    freeze_backbone: bool = False,
-    dropout: float = 0.0,
-) -> tuple[nn.Module, dict]:
-    """Build the classifier; return ``(model, info)`` with ``info`` ready for the run folder.
+@dataclass
+class Pretrained:
+    """Pretrained weights read once (on rank 0 in a DDP job) and handed to :func:`build_model`
+    on every rank, so only one node needs the file: ``state`` is the torchvision state_dict
+    without its classifier, ``info`` says which file it came from (for env.json)."""
 
-    arch: resnet18 | resnet34 | resnet50 | densenet121 (torchvision, built with weights=None).
-    in_channels: 4 (RGBY) or 3 (RGB).
-    pretrained: None/"none" (random init), "imagenet" (torchvision's cached checkpoint, downloaded
-        if missing; see ``fasthpa weights``) or the path of a torchvision state_dict file.
-    yellow_init: how the yellow input's stem filters start when pretrained RGB filters are
-        transferred: "xavier" (xavier-uniform, as the reference report), "mean" (mean of the RGB
-        filters) or "red" (a copy of the red filter). Without pretrained weights the whole
-        4-channel stem gets the architecture's own random init and this is not used.
-    head: "avgpool" (adaptive average pool) or "maxavg" (average and max pool concatenated).
-    freeze_backbone: only the head (``fc``) trains; the body's BatchNorms stay in eval mode.
-    dropout: dropout probability before the final Linear.
+    state: dict[str, torch.Tensor]
+    info: dict[str, Any]
 
-    Random draws (head, xavier yellow filter, random init) use torch's global RNG: seed it first.
-    Under an initialised process group this is collective (see resolve_pretrained_distributed).
-    Raises UserError for bad arguments and for a checkpoint that is missing, unreadable or does
-    not fit ``arch``.
-    """
+
+def load_pretrained(spec: str | None, arch: str, path: Path | None = None) -> Pretrained | None:
+    """Resolve ``--pretrained`` (imagenet, none, a PATH; see fasthpa.weights) and read the file
+    into a :class:`Pretrained`; None for ``none``. Not collective: call it on one rank.
+    ``path``: the file already resolved for ``spec``."""
+    check_arch(arch)
+    path = resolve_pretrained(spec, arch) if path is None else Path(path)
+    if path is None:
+        return None
+    kind = pretrained_kind(spec)
+    tv_model = _torchvision_model(arch)
+    info = {
+        "pretrained": "imagenet" if kind == "imagenet" else str(path),
+        "weights_file": str(path),
+        "torchvision_weights": imagenet_checkpoint(arch).weights if kind == "imagenet" else None,
+        "sha256": sha256_file(path),
+        "torchvision_hash": hash_in_name(path.name),
+        "sha256_matches_name": None,
+    }
+    if info["torchvision_hash"]:
+        info["sha256_matches_name"] = info["sha256"].startswith(info["torchvision_hash"])
+    return Pretrained(load_torchvision_state_dict(path, arch, tv_model), info)
+
+
+def _torchvision_model(arch: str) -> nn.Module:
     import torchvision
 
+    return getattr(torchvision.models, arch)(weights=None)
+
+
+def _check_build_args(arch, in_channels, yellow_init, head, dropout, num_classes) -> None:
     check_arch(arch)
     if in_channels not in (3, 4):
         raise UserError(f"--in-channels must be 3 (RGB) or 4 (RGBY), got {in_channels}.")
@@ -206,47 +217,91 @@ def build_model(
         raise UserError(f"--dropout must be in [0, 1), got {dropout}.")
     if num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {num_classes}.")
-    spec = _ARCH_SPECS[arch]
-    kind = pretrained_kind(pretrained)
-    path = resolve_pretrained_distributed(pretrained, arch)
 
-    tv_model = getattr(torchvision.models, arch)(weights=None)
+
+def build_model(
+    arch: str = "resnet18",
+    num_classes: int = NUM_LABELS,
+    in_channels: int = 4,
+    pretrained: str | Pretrained | None = None,
+    yellow_init: str = "xavier",
+    head: str = "avgpool",
+    freeze_backbone: bool = False,
+    dropout: float = 0.0,
+) -> tuple[nn.Module, dict]:
+    """Build the classifier; return ``(model, info)`` with ``info`` ready for the run folder.
+
+    arch: resnet18 | resnet34 | resnet50 | densenet121 (torchvision, built with weights=None).
+    in_channels: 4 (RGBY) or 3 (RGB).
+    pretrained: None/"none" (random init), "imagenet" (torchvision's cached checkpoint, downloaded
+        if missing; see ``fasthpa weights``), the path of a torchvision state_dict file, or a
+        :class:`Pretrained` read elsewhere (by rank 0, say).
+    yellow_init: how the yellow input's stem filters start when pretrained RGB filters are
+        transferred: "xavier" (xavier-uniform, as the reference report), "mean" (mean of the RGB
+        filters) or "red" (a copy of the red filter). Without pretrained weights the whole
+        4-channel stem gets the architecture's own random init and this is not used.
+    head: "avgpool" (adaptive average pool) or "maxavg" (average and max pool concatenated).
+    freeze_backbone: only the head (``fc``) trains; the body's BatchNorms stay in eval mode.
+    dropout: dropout probability before the final Linear.
+
+    Random draws (head, xavier yellow filter, random init) use torch's global RNG: seed it first.
+    With a string ``pretrained`` under an initialised process group this is collective (see
+    resolve_pretrained_distributed). Raises UserError for bad arguments and for a checkpoint
+    that is missing, unreadable or does not fit ``arch``.
+    """
+    _check_build_args(arch, in_channels, yellow_init, head, dropout, num_classes)
+    if not isinstance(pretrained, Pretrained):
+        path = resolve_pretrained_distributed(pretrained, arch)
+        pretrained = None if path is None else load_pretrained(pretrained, arch, path)
+    spec = _ARCH_SPECS[arch]
+    tv_model = _torchvision_model(arch)
     info: dict[str, Any] = {
         "arch": arch,
         "num_classes": num_classes,
         "in_channels": in_channels,
         "channels": list(CHANNELS[:in_channels]),
-        "pretrained": "none" if path is None else ("imagenet" if kind == "imagenet" else str(path)),
-        "weights_file": None if path is None else str(path),
-        "torchvision_weights": imagenet_checkpoint(arch).weights if kind == "imagenet" else None,
-        "sha256": None,
-        "torchvision_hash": None,
-        "sha256_matches_name": None,
+        **_weights_info(pretrained),
         "transferred": 0,
     }
-    if path is not None:
-        state = load_torchvision_state_dict(path, arch, tv_model)
-        result = tv_model.load_state_dict(state, strict=False)
+    if pretrained is not None:
+        result = tv_model.load_state_dict(pretrained.state, strict=False)
         # load_torchvision_state_dict already named any real mismatch; this guards that check
         assert not result.unexpected_keys, result.unexpected_keys
         assert all(
             _is_head_key(k, spec) or k.endswith("num_batches_tracked") for k in result.missing_keys
         )
-        info["sha256"] = sha256_file(path)
-        info["torchvision_hash"] = hash_in_name(path.name)
-        if info["torchvision_hash"]:
-            info["sha256_matches_name"] = info["sha256"].startswith(info["torchvision_hash"])
-        info["transferred"] = len(state)
-
+        info["transferred"] = len(pretrained.state)
     if in_channels == 4:
-        stem = tv_model.get_submodule(spec.stem)
-        widened = _widen_stem(stem, yellow_init if path is not None else None, spec.init_stem)
-        parent_name, _, child_name = spec.stem.rpartition(".")
-        setattr(
-            tv_model.get_submodule(parent_name) if parent_name else tv_model, child_name, widened
-        )
-    info["yellow_init"] = yellow_init if (path is not None and in_channels == 4) else None
+        _replace_stem(tv_model, spec, yellow_init if pretrained is not None else None)
+    info["yellow_init"] = yellow_init if (pretrained is not None and in_channels == 4) else None
+    model = _assemble(tv_model, spec, arch, num_classes, head, dropout, freeze_backbone)
+    info.update(
+        head=head,
+        head_bias_prior=HEAD_PRIOR,
+        dropout=dropout,
+        freeze_backbone=freeze_backbone,
+        num_features=model.fc.in_features,
+        params_total=sum(p.numel() for p in model.parameters()),
+        params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+    return model, info
 
+
+def _weights_info(pretrained: Pretrained | None) -> dict[str, Any]:
+    if pretrained is not None:
+        return dict(pretrained.info)
+    keys = ("weights_file", "torchvision_weights", "sha256", "torchvision_hash")
+    return {"pretrained": "none", **dict.fromkeys(keys), "sha256_matches_name": None}
+
+
+def _replace_stem(tv_model: nn.Module, spec: _ArchSpec, yellow_init: str | None) -> None:
+    stem = tv_model.get_submodule(spec.stem)
+    widened = _widen_stem(stem, yellow_init, spec.init_stem)
+    parent_name, _, child_name = spec.stem.rpartition(".")
+    setattr(tv_model.get_submodule(parent_name) if parent_name else tv_model, child_name, widened)
+
+
+def _assemble(tv_model, spec, arch, num_classes, head, dropout, freeze_backbone) -> HPANet:
     body_modules = OrderedDict((name, getattr(tv_model, name)) for name in spec.body)
     if arch.startswith("densenet"):
         # torchvision's DenseNet.forward applies this ReLU after `features`, in the functional API
@@ -259,17 +314,7 @@ def build_model(
     if freeze_backbone:
         model.body.requires_grad_(False)
         set_frozen_bn_eval(model)
-
-    info.update(
-        head=head,
-        head_bias_prior=HEAD_PRIOR,
-        dropout=dropout,
-        freeze_backbone=freeze_backbone,
-        num_features=model.fc.in_features,
-        params_total=sum(p.numel() for p in model.parameters()),
-        params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-    )
-    return model, info
+    return model
 
 
 def load_torchvision_state_dict(

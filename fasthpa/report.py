@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from fasthpa.errors import UserError
-from fasthpa.io import atomic_write_bytes, atomic_write_text
+from fasthpa.io import atomic_write_bytes, atomic_write_text, make_dir
 from fasthpa.labels import LABEL_NAMES, NUM_LABELS
 
 PLOTS = {
@@ -581,7 +581,7 @@ def write_report(
     runs = [load_run(p) for p in run_dirs]
     _unique_names(runs)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     labels = labels if labels else default_labels(runs)
     plots: dict[str, Path] = {
         "curves": plot_curves(runs, out / PLOTS["curves"]),

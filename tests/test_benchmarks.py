@@ -149,7 +149,7 @@ def test_batch_f1_command_is_a_valid_trainer_command(tmp_path):
     assert cmd[:3] == [sys.executable, "-m", "fasthpa.train"]
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    cfg = config_from_args(parser.parse_args(cmd[3:]))
+    cfg, _ = config_from_args(parser.parse_args(cmd[3:]))
     assert cfg.run.batch_size == 32 and cfg.run.epochs == 3 and cfg.data.image_size == 48
     assert cfg.optim.lr == pytest.approx(1e-3 * math.sqrt(32 / 8))
     assert cfg.optim.warmup_epochs == 1.0 and cfg.model.arch == "resnet34"

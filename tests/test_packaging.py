@@ -21,8 +21,11 @@ def test_editable_install_maps_kernels_folder():
     # nothing named `kernels` is importable from outside the checkout
     p = subprocess.run(
         [sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('kernels'))"],
-        capture_output=True, text=True, cwd="/", timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd="/",
+        timeout=60,
+    )
     assert p.stdout.strip() == "None", p.stdout + p.stderr
     assert importlib.util.find_spec("fasthpa.kernels.reference") is not None
 
@@ -30,10 +33,22 @@ def test_editable_install_maps_kernels_folder():
 @pytest.mark.slow
 def test_built_wheel_holds_fasthpa_kernels_and_imports(tmp_path):
     p = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path / "dist"), str(REPO)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("fasthpa-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -49,8 +64,11 @@ def test_built_wheel_holds_fasthpa_kernels_and_imports(tmp_path):
     # -I: isolated mode, so neither the checkout nor the editable install is on the path
     p = subprocess.run(
         [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {code}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     first, second = p.stdout.split()
     assert first.startswith(str(site)) and second == "None"

@@ -36,16 +36,36 @@ FAST = {"loader": "torch", "workers": 0}
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(dataset root, run folder) of a one-epoch resnet18 run on 32 px synthetic images."""
     from fasthpa.data.synth import generate
-    from fasthpa.train import main as train_main
+    from fasthpa.train.cli import main as train_main
 
     base = tmp_path_factory.mktemp("predict")
     root, run_dir = base / "data", base / "run"
     generate(root, 40, size=32, test_n=12, seed=3, workers=1)
     rc = train_main(
-        ["--data", str(root), "--out", str(run_dir), "--image-size", "32", "--batch-size", "8",
-         "--workers", "0", "--loader", "torch", "--no-progress", "--pretrained", "none",
-         "--epochs", "1", "--split", "0.6,0.4,0", "--log-every", "2"]
-    )  # fmt: skip
+        [
+            "--data",
+            str(root),
+            "--out",
+            str(run_dir),
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--loader",
+            "torch",
+            "--no-progress",
+            "--pretrained",
+            "none",
+            "--epochs",
+            "1",
+            "--split",
+            "0.6,0.4,0",
+            "--log-every",
+            "2",
+        ]
+    )
     assert rc == 0 and (run_dir / "best.pt").is_file() and (run_dir / "thresholds.json").is_file()
     return root, run_dir
 
@@ -166,9 +186,14 @@ def test_ids_file_sets_the_rows_and_their_order(trained, flips_run, tmp_path):
     ids_csv = tmp_path / "ids.csv"
     ids_csv.write_text("Id,Predicted\n" + "".join(f"{i},0\n" for i in ids))
     part = predict(
-        run_dir, root, ids_csv=ids_csv, tta="flips", out=tmp_path / "some.csv", batch_size=3,
+        run_dir,
+        root,
+        ids_csv=ids_csv,
+        tta="flips",
+        out=tmp_path / "some.csv",
+        batch_size=3,
         **FAST,
-    )  # fmt: skip
+    )
     _, body = read_submission(tmp_path / "some.csv")
     assert [row[0] for row in body] == ids == part.ids
     where = {sample_id: i for i, sample_id in enumerate(flips_run.ids)}
@@ -180,9 +205,15 @@ def test_dev_part_reproduces_the_trainers_dev_probs(trained, tmp_path):
     root, run_dir = trained
     # batch 5 regroups the rows (and pads the last batch) unlike the trainer's batch of 8
     result = predict(
-        run_dir, root, split="train", part="dev", checkpoint="best", out=tmp_path / "dev.csv",
-        batch_size=5, **FAST,
-    )  # fmt: skip
+        run_dir,
+        root,
+        split="train",
+        part="dev",
+        checkpoint="best",
+        out=tmp_path / "dev.csv",
+        batch_size=5,
+        **FAST,
+    )
     with np.load(run_dir / "dev_probs.npz") as z:
         ids, probs, labels = list(z["ids"]), z["probs"], z["labels"]
     with open(run_dir / "split.csv", newline="") as f:
@@ -219,8 +250,20 @@ def test_cli_thresholds_override_and_the_at_least_one_switch(trained, tmp_path):
     root, run_dir = trained
     never = tmp_path / "never.json"
     never.write_text(json.dumps({"thresholds": [2.0] * NUM_LABELS}))  # no probability reaches 2
-    common = ["predict", "--run", str(run_dir), "--data", str(root), "--thresholds", str(never),
-              "--loader", "torch", "--workers", "0", "--no-progress"]  # fmt: skip
+    common = [
+        "predict",
+        "--run",
+        str(run_dir),
+        "--data",
+        str(root),
+        "--thresholds",
+        str(never),
+        "--loader",
+        "torch",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     assert cli_main(common + ["--out", str(tmp_path / "on.csv")]) == 0
     assert cli_main(common + ["--no-at-least-one", "--out", str(tmp_path / "off.csv")]) == 0
     _, on = read_submission(tmp_path / "on.csv")
@@ -241,14 +284,33 @@ def _copy_run(run_dir: Path, dest: Path, drop: str) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("case", ["no_checkpoint", "no_thresholds", "ids_without_images",
-                                  "part_with_test_split", "other_runs_checkpoint"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no_checkpoint",
+        "no_thresholds",
+        "ids_without_images",
+        "part_with_test_split",
+        "other_runs_checkpoint",
+    ],
+)
 def test_bad_input_is_one_sentence_naming_the_file(trained, tmp_path, case, capsys):
-    from fasthpa.predict import main
+    from fasthpa.predict.cli import main
 
     root, run_dir = trained
-    args = ["--run", str(run_dir), "--data", str(root), "--out", str(tmp_path / "s.csv"),
-            "--loader", "torch", "--workers", "0", "--no-progress"]  # fmt: skip
+    args = [
+        "--run",
+        str(run_dir),
+        "--data",
+        str(root),
+        "--out",
+        str(tmp_path / "s.csv"),
+        "--loader",
+        "torch",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     if case == "no_checkpoint":
         args[1] = str(_copy_run(run_dir, tmp_path / "r", "best.pt"))
         names = "best.pt"
@@ -323,11 +385,34 @@ def test_torchrun_two_ranks_write_the_single_process_submission(trained, flips_r
     root, run_dir = trained
     # --run-dir: torchrun's parser rejects --run as an ambiguous abbreviation of its --run-path;
     # batch 5 over 2 ranks leaves padding on both ranks
-    flags = ["--run-dir", str(run_dir), "--data", str(root), "--loader", "torch", "--workers", "0",
-             "--no-progress", "--batch-size", "5", "--tta", "flips"]  # fmt: skip
+    flags = [
+        "--run-dir",
+        str(run_dir),
+        "--data",
+        str(root),
+        "--loader",
+        "torch",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--batch-size",
+        "5",
+        "--tta",
+        "flips",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "fasthpa.predict", *flags, "--out", str(tmp_path / "ddp.csv")]  # fmt: skip
+    ddp = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "fasthpa.predict",
+        *flags,
+        "--out",
+        str(tmp_path / "ddp.csv"),
+    ]
     p = subprocess.run(ddp, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "ddp.csv").read_text() == flips_run.submission_path.read_text()

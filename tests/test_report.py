@@ -28,16 +28,38 @@ from fasthpa.report import (
 def tiny_run(tmp_path_factory) -> Path:
     """A real 2-epoch run at 32 px on 40 synthetic samples (about 10 s on 2 cores)."""
     from fasthpa.data.synth import generate
-    from fasthpa.train import main as train
+    from fasthpa.train.cli import main as train
 
     root = tmp_path_factory.mktemp("data")
     generate(root, n=40, size=32, seed=0, workers=1)
     run = tmp_path_factory.mktemp("runs") / "tiny"
     rc = train(
-        ["--data", str(root), "--out", str(run), "--image-size", "32", "--batch-size", "8",
-         "--workers", "0", "--loader", "torch", "--no-progress", "--pretrained", "none",
-         "--epochs", "2", "--split", "0.5,0.25,0.25", "--log-every", "1", "--seed", "1"]
-    )  # fmt: skip
+        [
+            "--data",
+            str(root),
+            "--out",
+            str(run),
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--loader",
+            "torch",
+            "--no-progress",
+            "--pretrained",
+            "none",
+            "--epochs",
+            "2",
+            "--split",
+            "0.5,0.25,0.25",
+            "--log-every",
+            "1",
+            "--seed",
+            "1",
+        ]
+    )
     assert rc == 0
     return run
 

@@ -53,8 +53,9 @@ def test_stats_sample_is_seeded_and_within_the_rows(data):
     # the two sampled rows must be a pair from `rows`: one of the pairs' reference values
     pairs = [(i, j) for i in rows for j in rows if i < j]
     refs = [_reference(pixels[list(p)]) for p in pairs]
-    assert any(np.allclose(a.mean, m, rtol=1e-12) and np.allclose(a.std, s, rtol=1e-10)
-               for m, s in refs)  # fmt: skip
+    assert any(
+        np.allclose(a.mean, m, rtol=1e-12) and np.allclose(a.std, s, rtol=1e-10) for m, s in refs
+    )
     seeds = {compute_channel_stats(source, rows, max_samples=2, seed=s).mean for s in range(6)}
     assert len(seeds) > 1, "different seeds pick different samples"
 

@@ -56,8 +56,12 @@ def test_layout_and_csvs_match_kaggle(tmp_path):
     out = tmp_path / "ds"
     summary = generate(out, n=7, size=32, test_n=3, seed=5)
     assert sorted(p.name for p in out.iterdir()) == [
-        "sample_submission.csv", "test", "test_labels.csv", "train", "train.csv",
-    ]  # fmt: skip
+        "sample_submission.csv",
+        "test",
+        "test_labels.csv",
+        "train",
+        "train.csv",
+    ]
 
     header, train = _read_rows(out / "train.csv")
     assert header == "Id,Target"

@@ -596,7 +596,7 @@ def test_cuda_matches_cpu(method):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_torch_sort_path_matches_numpy_sort_path(monkeypatch, dtype):
     """The GPU's sort (torch.sort) run on the CPU gives the same thresholds as the CPU's."""
-    import fasthpa.thresholds as thresholds
+    import fasthpa.thresholds.search as thresholds
 
     p, y = make_case(12, 150, 0.02, dtype)
     pt, yt = thresholds._as_tensors(p, y)
@@ -622,7 +622,7 @@ def test_torch_sort_path_matches_numpy_sort_path(monkeypatch, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_counts_at_any_threshold_match_direct_counts(dtype):
     """The binary search in the sorted scores counts exactly what `p >= t` (float64) counts."""
-    import fasthpa.thresholds as thresholds
+    import fasthpa.thresholds.search as thresholds
 
     p, y = make_case(13, 200, 0.01, dtype)
     pt, yt = thresholds._as_tensors(p, y)

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-import fasthpa.train as train_mod
 from fasthpa.checkpoint import load_checkpoint, load_latest
 from fasthpa.data.synth import generate
 from fasthpa.errors import UserError
+from fasthpa.train import TrainHooks
+from fasthpa.train.cli import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,18 +33,46 @@ def synth_root(tmp_path_factory) -> Path:
 
 def tiny_args(root: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--data", str(root), "--out", str(out), "--image-size", "32", "--batch-size", "8",
-        "--workers", "0", "--loader", "torch", "--no-progress", "--pretrained", "none",
-        "--split", "0.75,0.125,0.125", "--log-every", "2", "--seed", "1", *extra,
-    ]  # fmt: skip
+        "--data",
+        str(root),
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--loader",
+        "torch",
+        "--no-progress",
+        "--pretrained",
+        "none",
+        "--split",
+        "0.75,0.125,0.125",
+        "--log-every",
+        "2",
+        "--seed",
+        "1",
+        *extra,
+    ]
 
 
-def run_main(argv: list[str]) -> int:
-    """fasthpa.train.main in-process; a UserError surfaces as SystemExit(2)."""
+def run_main(argv: list[str], hooks: TrainHooks | None = None) -> int:
+    """The trainer's command line in-process; a UserError surfaces as SystemExit(2)."""
     try:
-        return train_mod.main(argv)
+        return train_main(argv, hooks)
     except SystemExit as e:
         return int(e.code)
+
+
+def sigterm_at(step: int) -> TrainHooks:
+    """Send this process SIGTERM right after optimiser step ``step``."""
+    import signal
+
+    return TrainHooks(
+        after_step=lambda s: os.kill(os.getpid(), signal.SIGTERM) if s == step else None
+    )
 
 
 def history(run: Path) -> list[dict]:
@@ -59,8 +88,18 @@ def test_short_run_writes_every_artefact_and_loss_falls(synth_root, tmp_path, ca
     assert run_main(tiny_args(synth_root, run, "--epochs", "4", "--lr", "2e-3")) == 0
     out = capsys.readouterr().out
     assert "done: best dev macro F1" in out
-    for name in ("config.json", "env.json", "split.csv", "channel_stats.json", "history.jsonl",
-                 "last.pt", "best.pt", "thresholds.json", "dev_probs.npz", "final_metrics.json"):  # fmt: skip
+    for name in (
+        "config.json",
+        "env.json",
+        "split.csv",
+        "channel_stats.json",
+        "history.jsonl",
+        "last.pt",
+        "best.pt",
+        "thresholds.json",
+        "dev_probs.npz",
+        "final_metrics.json",
+    ):
         assert (run / name).is_file(), name
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["arch"] == "resnet18" and cfg["optim"]["lr"] == 2e-3
@@ -75,8 +114,16 @@ def test_short_run_writes_every_artefact_and_loss_falls(synth_root, tmp_path, ca
     losses = [r["train_loss"] for r in epochs]
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     th = json.loads((run / "thresholds.json").read_text())
-    for key in ("method", "label_names", "thresholds", "f1_at_0.5", "f1_tuned", "macro_f1_at_0.5",
-                "macro_f1_tuned", "positives"):  # fmt: skip
+    for key in (
+        "method",
+        "label_names",
+        "thresholds",
+        "f1_at_0.5",
+        "f1_tuned",
+        "macro_f1_at_0.5",
+        "macro_f1_tuned",
+        "positives",
+    ):
         assert key in th
     assert len(th["thresholds"]) == 28 and th["macro_f1_tuned"] >= th["macro_f1_at_0.5"]
     split = dict(line.split(",") for line in (run / "split.csv").read_text().split()[1:])
@@ -92,16 +139,14 @@ def test_short_run_writes_every_artefact_and_loss_falls(synth_root, tmp_path, ca
     assert final["test_samples"] > 0 and 0 <= final["test_macro_f1_tuned"] <= 1
 
 
-def test_kill_and_resume_equals_uninterrupted(synth_root, tmp_path, monkeypatch, capsys):
+def test_kill_and_resume_equals_uninterrupted(synth_root, tmp_path, capsys):
     args = ("--epochs", "2", "--hflip", "--vflip", "--dropout", "0.2")
     assert run_main(tiny_args(synth_root, tmp_path / "a", *args)) == 0
     # SIGTERM in the middle of epoch 0 (8 steps per epoch): a checkpoint, a clean exit
-    monkeypatch.setattr(train_mod, "_SIGTERM_AT_STEP", 5)
-    assert run_main(tiny_args(synth_root, tmp_path / "b", *args)) == 0
+    assert run_main(tiny_args(synth_root, tmp_path / "b", *args), sigterm_at(5)) == 0
     out = capsys.readouterr().out
     assert "stopped by SIGTERM at epoch 0, step 5" in out
     assert load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 5
-    monkeypatch.setattr(train_mod, "_SIGTERM_AT_STEP", -1)
     # the same command resumes by itself and finishes
     assert run_main(tiny_args(synth_root, tmp_path / "b", *args)) == 0
     assert "resuming" in capsys.readouterr().out
@@ -134,12 +179,14 @@ def test_damaged_last_checkpoint_is_detected_and_previous_used(synth_root, tmp_p
     assert "every checkpoint is damaged" in capsys.readouterr().err
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_last_good(
-    synth_root, tmp_path, monkeypatch, capsys
-):
-    monkeypatch.setattr(train_mod, "_INJECT_NAN_AT_STEP", 11)  # in epoch 1 (8 steps per epoch)
+def test_nan_loss_stops_with_the_step_and_keeps_last_good(synth_root, tmp_path, capsys):
+    steps = []  # the loss hook runs inside step len(steps) (1-based), in epoch 1 at step 11
+    hooks = TrainHooks(
+        after_step=steps.append,
+        loss_hook=lambda loss: loss * float("nan") if len(steps) + 1 == 11 else loss,
+    )
     run = tmp_path / "run"
-    assert run_main(tiny_args(synth_root, run, "--epochs", "3")) == 2
+    assert run_main(tiny_args(synth_root, run, "--epochs", "3"), hooks) == 2
     err = capsys.readouterr().err
     assert "non-finite loss (nan) at step 11 (epoch 1)" in err and err.count("\n") == 1
     epoch0 = [r for r in history(run) if r["kind"] == "epoch"]
@@ -169,12 +216,31 @@ def test_resume_errors_and_help(tmp_path, capsys):
     assert "no config.json there" in capsys.readouterr().err
     assert run_main(["--out", str(tmp_path / "x")]) == 2
     assert "--data is required" in capsys.readouterr().err
-    p = subprocess.run([sys.executable, "-m", "fasthpa.cli", "train", "--help"], capture_output=True,
-                       text=True, timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "fasthpa.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0
-    for flag in ("--lr-schedule", "--fold", "--pretrained", "--yellow-init", "--freeze-backbone",
-                 "--head", "--loss", "--focal-gamma", "--amp", "--no-channels-last", "--compile",
-                 "--compile-mode", "--loader", "--workers", "--resume", "--grad-accum"):  # fmt: skip
+    for flag in (
+        "--lr-schedule",
+        "--fold",
+        "--pretrained",
+        "--yellow-init",
+        "--freeze-backbone",
+        "--head",
+        "--loss",
+        "--focal-gamma",
+        "--amp",
+        "--no-channels-last",
+        "--compile",
+        "--compile-mode",
+        "--loader",
+        "--workers",
+        "--resume",
+        "--grad-accum",
+    ):
         assert flag in p.stdout, flag
 
 
@@ -198,8 +264,16 @@ def test_torchrun_two_ranks_match_one_process_with_accumulation(synth_root, tmp_
     probabilities are compared for coverage (each row exactly once), not value."""
     common = tiny_args(synth_root, tmp_path / "x", "--epochs", "1", "--batch-size", "4")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "fasthpa.train", *common]  # fmt: skip
+    ddp = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "fasthpa.train",
+        *common,
+    ]
     ddp[ddp.index("--out") + 1] = str(tmp_path / "ddp")
     p = subprocess.run(ddp, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -232,31 +306,39 @@ def _module_from(state: dict) -> torch.nn.Module:
     return model
 
 
-def test_resume_keeps_saved_config_and_names_ignored_flags(tmp_path, capsys):
-    from fasthpa.config import add_config_arguments, config_from_args, save_config
+def test_resume_keeps_saved_config_and_names_ignored_flags(tmp_path):
+    import argparse
 
-    parser = __import__("argparse").ArgumentParser()
+    from fasthpa.config import add_config_arguments, config_from_args, save_config
+    from fasthpa.train.folder import resolve_start
+
+    parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
     run = tmp_path / "run"
-    first = config_from_args(parser.parse_args(["--data", "d", "--out", str(run), "--lr", "0.01"]))
+    first, _ = config_from_args(
+        parser.parse_args(["--data", "d", "--out", str(run), "--lr", "0.01"])
+    )
     save_config(run / "config.json", first)
-    (run / "last.pt").write_bytes(b"placeholder")  # resolve_config only looks for the name
+    (run / "last.pt").write_bytes(b"placeholder")  # resolve_start only looks for the name
     args = parser.parse_args(["--data", "d", "--out", str(run), "--lr", "0.5", "--epochs", "20"])
-    cfg, out, resuming = train_mod.resolve_config(config_from_args(args), args, defaults)
-    assert resuming and out == run
-    assert cfg.optim.lr == 0.01 and cfg.run.epochs == 20  # saved lr kept, epochs may grow
-    assert "ignoring changed --lr" in capsys.readouterr().out
+    start = resolve_start(*config_from_args(args))
+    assert start.resuming and start.run_dir == run
+    assert start.cfg.optim.lr == 0.01 and start.cfg.run.epochs == 20  # saved lr kept, epochs grow
+    assert start.ignored == ["--lr"]
+    # a flag given with its default value is explicit too (no guessing from default values)
+    args = parser.parse_args(["--out", str(run), "--lr", "0.001"])
+    assert resolve_start(*config_from_args(args)).ignored == ["--lr"]
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
 def test_lr_schedule_is_a_pure_function_of_the_step(schedule):
     from fasthpa.config import TrainConfig
+    from fasthpa.runtime import lr_at
 
     cfg = TrainConfig()
     cfg.optim.lr_schedule = schedule
     total, warmup = 100, 10
-    lrs = [train_mod.lr_at(s, total, warmup, cfg) for s in range(total)]
+    lrs = [lr_at(s, total, warmup, cfg.optim.lr, schedule) for s in range(total)]
     assert lrs[0] == pytest.approx(cfg.optim.lr / warmup)  # linear warm-up from lr / warmup
     assert lrs[warmup - 1] == pytest.approx(cfg.optim.lr)
     assert max(lrs) == pytest.approx(cfg.optim.lr)

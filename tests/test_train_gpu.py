@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -15,8 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-import fasthpa.train as train_mod
 from fasthpa.config import TrainConfig
+from fasthpa.loss import make_loss
+from fasthpa.train.cli import main as train_main
+from fasthpa.train.step import train_step
 
 pytestmark = pytest.mark.gpu
 
@@ -32,7 +33,7 @@ def test_train_step_makes_no_host_sync():
     cfg.loss.loss = "wbce"
     rng = np.random.default_rng(0)
     targets = (rng.random((64, 28)) < 0.1).astype(np.uint8)
-    loss_fn = train_mod.make_loss(cfg, targets, device)
+    loss_fn = make_loss(cfg.loss, targets, device)
     x = torch.randn(8, 4, 64, 64, device=device).to(memory_format=torch.channels_last)
     x = x.to(torch.bfloat16)
     y = torch.from_numpy(targets[:8]).float().to(device)
@@ -41,15 +42,13 @@ def test_train_step_makes_no_host_sync():
         return torch.autocast("cuda", dtype=torch.bfloat16)
 
     loss_buf = torch.zeros(4, device=device)
-    step = train_mod.train_step
-    step(model, opt, None, loss_fn, [(x, y)], autocast, contextlib.nullcontext)  # warm-up
+    step = train_step
+    step(model, opt, None, loss_fn, [(x, y)], autocast)  # warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i in range(3):
-            loss_buf[i] = step(
-                model, opt, None, loss_fn, [(x, y)], autocast, contextlib.nullcontext
-            )
+            loss_buf[i] = step(model, opt, None, loss_fn, [(x, y)], autocast)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss_buf[:3]).all()
@@ -67,7 +66,7 @@ def test_short_amp_compiled_run_on_cuda(tmp_path: Path):
         "--pretrained", "none", "--split", "0.75,0.25,0", "--log-every", "2",
         "--amp", "bf16", "--compile",
     ]  # fmt: skip
-    assert train_mod.main(argv) == 0
+    assert train_main(argv) == 0
     env = json.loads((run / "env.json").read_text())
     assert env["compile"] is True and env["amp"] == "bfloat16" and env["cuda_devices"]
     steps = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]

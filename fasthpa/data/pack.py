@@ -25,7 +25,7 @@ import numpy as np
 
 from fasthpa.data.dataset import load_sample, load_split, missing_files
 from fasthpa.errors import UserError
-from fasthpa.io import atomic_write, atomic_write_bytes, atomic_write_json
+from fasthpa.io import atomic_write, atomic_write_bytes, atomic_write_json, make_dir
 
 FORMATS = ("png", "npy")
 MANIFEST = "pack.json"
@@ -168,7 +168,7 @@ def pack_dataset(
                 f"{out}: already holds a {old.get('format')} pack at size {old.get('size')}; "
                 f"choose another --out."
             )
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     workers = workers or min(os.cpu_count() or 1, 16)
     fn = partial(
         _pack_one, image_dir=str(data.image_dir), out=str(out), fmt=fmt, size=size, verify=verify

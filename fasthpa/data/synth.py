@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from fasthpa.errors import UserError
-from fasthpa.io import atomic_write_text
+from fasthpa.io import atomic_write_text, make_dir
 from fasthpa.labels import CHANNELS, KAGGLE_TRAIN_COUNTS, NUM_LABELS
 
 # Samples with 1, 2, 3 labels in the Kaggle train.csv (15,126 / 12,485 / 3,160); the 299 samples
@@ -443,11 +443,27 @@ def _make_scene(size: int, rng: np.random.Generator, mitotic: bool) -> _Scene:
     tex = np.clip(0.5 + 0.25 * tex, 0.0, 1.0)
 
     scene = _Scene(
-        size=size, cx=cx, cy=cy, r=r, ncx=ncx, ncy=ncy, rn=rn, cell_id=cell_id, rho=rho,
-        rho2=rho2, theta=theta, nu=nu, alpha=alpha, r_px=r[cell_id], rn_px=rn[cell_id],
-        cell_soft=cell_soft, nuc_soft=nuc_soft, cyto_soft=cell_soft * (1.0 - nuc_soft), tex=tex,
+        size=size,
+        cx=cx,
+        cy=cy,
+        r=r,
+        ncx=ncx,
+        ncy=ncy,
+        rn=rn,
+        cell_id=cell_id,
+        rho=rho,
+        rho2=rho2,
+        theta=theta,
+        nu=nu,
+        alpha=alpha,
+        r_px=r[cell_id],
+        rn_px=rn[cell_id],
+        cell_soft=cell_soft,
+        nuc_soft=nuc_soft,
+        cyto_soft=cell_soft * (1.0 - nuc_soft),
+        tex=tex,
         mitotic=m,
-    )  # fmt: skip
+    )
     # 3. per-cell properties that several stains or motifs share
     scene.per_cell = {
         "expr": np.where(rng.random(k) < 0.12, rng.uniform(0.05, 0.25, k), rng.uniform(0.5, 1, k)),
@@ -1007,7 +1023,7 @@ def generate(
     jobs = []
     chunk = max(1, min(32, (n + test_n) // (8 * workers)))
     for s, split_ids in splits.items():
-        (out / s).mkdir(parents=True, exist_ok=True)
+        make_dir(out / s, "OUT")
         for a in range(0, len(split_ids), chunk):
             jobs.append(
                 (str(out / s), s, a, split_ids[a : a + chunk], labels[s][a : a + chunk], size, seed)
@@ -1031,9 +1047,15 @@ def generate(
     for labs in labels["train"]:
         counts[list(labs)] += 1
     return SynthSummary(
-        out=out, n_train=n, n_test=test_n, size=size, seed=seed, workers=workers,
-        seconds=time.perf_counter() - t0, label_counts=tuple(int(c) for c in counts),
-    )  # fmt: skip
+        out=out,
+        n_train=n,
+        n_test=test_n,
+        size=size,
+        seed=seed,
+        workers=workers,
+        seconds=time.perf_counter() - t0,
+        label_counts=tuple(int(c) for c in counts),
+    )
 
 
 def _run_jobs(jobs: list[tuple], workers: int, total: int, progress: bool) -> None:
@@ -1080,24 +1102,35 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, required=True, help="number of training samples")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (Kaggle: 512)")
     parser.add_argument(
-        "--test-n", type=int, default=0,
+        "--test-n",
+        type=int,
+        default=0,
         help="number of test samples (adds test/, sample_submission.csv, test_labels.csv)",
-    )  # fmt: skip
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same bytes")
     parser.add_argument(
-        "--workers", type=int, default=0,
+        "--workers",
+        type=int,
+        default=0,
         help="worker processes (0: one per CPU core); the output does not depend on it",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="allow a non-empty OUT: replace its train.csv, test files and stain PNGs",
-    )  # fmt: skip
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     summary = generate(
-        args.out, n=args.n, size=args.size, test_n=args.test_n, seed=args.seed,
-        workers=args.workers, overwrite=args.overwrite, progress=True,
-    )  # fmt: skip
+        args.out,
+        n=args.n,
+        size=args.size,
+        test_n=args.test_n,
+        seed=args.seed,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        progress=True,
+    )
     print(summary.line())
     return 0

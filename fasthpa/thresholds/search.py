@@ -1,4 +1,5 @@
-"""Fit per-label decision thresholds on dev probabilities and report the macro F1 gain.
+"""The per-label threshold search and the metrics it is judged by (the library; the command is
+fasthpa.thresholds.cli).
 
 Command line (PROBS: a run's dev_probs.npz, an [N, 28] .npy, or a CSV of Id plus 28 columns;
 LABELS: a train.csv-style Id,Target file matched by Id, or an [N, 28] multi-hot .npy/.npz)::
@@ -45,17 +46,12 @@ labels.
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fasthpa.errors import UserError
-from fasthpa.io import atomic_write_json
 from fasthpa.labels import KAGGLE_TRAIN_COUNTS, KAGGLE_TRAIN_SAMPLES, LABEL_NAMES, NUM_LABELS
 
 if TYPE_CHECKING:
@@ -121,7 +117,7 @@ class ThresholdResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def _from_numpy(array: Any) -> torch.Tensor:
+def from_numpy(array: Any) -> torch.Tensor:
     import torch
 
     array = np.asarray(array)
@@ -138,12 +134,12 @@ def _as_tensors(probs: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """
     import torch
 
-    p = probs if isinstance(probs, torch.Tensor) else _from_numpy(probs)
+    p = probs if isinstance(probs, torch.Tensor) else from_numpy(probs)
     if not (p.is_floating_point()):
         raise ValueError(f"probabilities must be floating point, got {p.dtype}")
     if p.dtype != torch.float64:
         p = p.to(torch.float32)
-    y = labels if isinstance(labels, torch.Tensor) else _from_numpy(labels)
+    y = labels if isinstance(labels, torch.Tensor) else from_numpy(labels)
     y = y.to(p.device)
     if p.ndim != 2 or y.shape != p.shape:
         raise ValueError(
@@ -219,7 +215,7 @@ def apply_thresholds(probs: Any, thresholds: Any) -> np.ndarray:
     """
     import torch
 
-    p = probs if isinstance(probs, torch.Tensor) else _from_numpy(probs)
+    p = probs if isinstance(probs, torch.Tensor) else from_numpy(probs)
     if p.ndim != 2 or not p.is_floating_point():
         raise ValueError(f"probabilities must be a float [N, L] array, got {tuple(p.shape)}")
     if p.dtype != torch.float64:
@@ -509,30 +505,8 @@ def fit_thresholds(
     thr_np = thresholds.cpu().numpy().astype(np.float64)
     notes: dict[int, str] = {}
     if method != "prevalence":
-        rare = [i for i in range(n_labels) if 0 < pos_np[i] < rare_below]
-        if rare and rare_rule == "shrink":
-            for i in rare:
-                tuned = thr_np[i]
-                thr_np[i] = (1.0 - shrink) * tuned + shrink * DEFAULT_THRESHOLD
-                notes[i] = (
-                    f"{_positives(pos_np[i])}, fewer than {rare_below}: tuned threshold "
-                    f"{tuned:.4f} shrunk toward {DEFAULT_THRESHOLD:g} (weight {shrink:g})"
-                )
-        elif rare:
-            rates = _prevalence_rates(prevalence, y)
-            prev_thr, k = _prevalence_thresholds(s, rates)
-            prev_np, k_np = prev_thr.cpu().numpy(), k.cpu().numpy()
-            for i in rare:
-                thr_np[i] = prev_np[i]
-                notes[i] = (
-                    f"{_positives(pos_np[i])}, fewer than {rare_below}: prevalence rule, "
-                    f"top {k_np[i]} of {n} scores positive"
-                )
-        for i in np.flatnonzero(pos_np == 0):
-            thr_np[i] = default
-            notes[int(i)] = (
-                f"no positives in the fitting set: kept the default threshold {default:g}"
-            )
+        rules = _RareRules(rare_below, rare_rule, shrink, prevalence, default)
+        rules.apply(s, y, pos_np, thr_np, notes)
 
     # F1 at 0.5 and at the final thresholds, read off the sorted scores (O(L log N))
     both = torch.tensor([[DEFAULT_THRESHOLD] * n_labels, thr_np.tolist()], dtype=torch.float64)
@@ -561,408 +535,46 @@ def fit_thresholds(
     )
 
 
+@dataclass(frozen=True)
+class _RareRules:
+    """What exact and grid fits do to labels with few or no positives (see fit_thresholds)."""
+
+    rare_below: int
+    rare_rule: str
+    shrink: float
+    prevalence: Any
+    default: float
+
+    def apply(self, s, y, pos_np: np.ndarray, thr_np: np.ndarray, notes: dict[int, str]) -> None:
+        """Adjust ``thr_np`` in place; say why in ``notes``."""
+        rare = [i for i in range(len(pos_np)) if 0 < pos_np[i] < self.rare_below]
+        if rare and self.rare_rule == "shrink":
+            for i in rare:
+                tuned = thr_np[i]
+                thr_np[i] = (1.0 - self.shrink) * tuned + self.shrink * DEFAULT_THRESHOLD
+                notes[i] = (
+                    f"{_positives(pos_np[i])}, fewer than {self.rare_below}: tuned threshold "
+                    f"{tuned:.4f} shrunk toward {DEFAULT_THRESHOLD:g} (weight {self.shrink:g})"
+                )
+        elif rare:
+            prev_thr, k = _prevalence_thresholds(s, _prevalence_rates(self.prevalence, y))
+            prev_np, k_np = prev_thr.cpu().numpy(), k.cpu().numpy()
+            for i in rare:
+                thr_np[i] = prev_np[i]
+                notes[i] = (
+                    f"{_positives(pos_np[i])}, fewer than {self.rare_below}: prevalence rule, "
+                    f"top {k_np[i]} of {s.n} scores positive"
+                )
+        for i in np.flatnonzero(pos_np == 0):
+            thr_np[i] = self.default
+            notes[int(i)] = (
+                f"no positives in the fitting set: kept the default threshold {self.default:g}"
+            )
+
+
 def _positives(count: int) -> str:
     return f"only {count} positive" + ("" if count == 1 else "s")
 
 
 def _default_names(n_labels: int) -> tuple[str, ...]:
     return LABEL_NAMES if n_labels == NUM_LABELS else tuple(f"label_{i}" for i in range(n_labels))
-
-
-# ---------------------------------------------------------------------------------------------
-# thresholds.json
-# ---------------------------------------------------------------------------------------------
-
-
-def write_thresholds_json(
-    path: str | os.PathLike, result: ThresholdResult, extra: dict[str, Any] | None = None
-) -> Path:
-    """Write ``result`` as thresholds.json, atomically; ``extra`` keys (e.g. the source file or
-    the run's checkpoint) are added at the top level.
-
-        write_thresholds_json(run_dir / "thresholds.json", fit_thresholds(p, y), {"epoch": 12})
-    """
-    payload = result.to_json()
-    if extra:
-        clash = set(extra) & set(payload)
-        if clash:
-            raise ValueError(f"extra keys would overwrite result keys: {sorted(clash)}")
-        payload.update(extra)
-    return atomic_write_json(path, payload)
-
-
-def load_thresholds(path: str | os.PathLike, n_labels: int = NUM_LABELS) -> np.ndarray:
-    """The ``thresholds`` of a thresholds.json as float64 [n_labels]; UserError if unusable.
-
-    thr = load_thresholds(run_dir / "thresholds.json"); preds = probs >= thr
-    """
-    import json
-
-    path = Path(path)
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"thresholds file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"thresholds file {path} is not readable JSON ({e}).") from None
-    values = payload.get("thresholds") if isinstance(payload, dict) else None
-    try:
-        thr = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        thr = np.empty(0)
-    if thr.shape != (n_labels,) or not np.isfinite(thr).all():
-        raise UserError(f"thresholds file {path} needs a 'thresholds' list of {n_labels} numbers.")
-    return thr
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the command's input files (every problem is a UserError naming the file and row)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Table:
-    """Rows read from a file: optional Ids and an [N, L] array."""
-
-    ids: list[str] | None
-    values: np.ndarray
-    path: Path
-    first_line: int | None = None
-    """For a text file: the line number of the first row (names rows by line, not index)."""
-
-    def row(self, i: int) -> str:
-        """How to name row ``i`` in a message."""
-        where = f"line {i + self.first_line}" if self.first_line else f"row {i}"
-        return where + (f" (Id {self.ids[i]})" if self.ids is not None else "")
-
-
-def _load_npz(path: Path, key: str) -> tuple[list[str] | None, np.ndarray | None]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            ids = [str(i) for i in z["ids"]] if "ids" in z.files else None
-            values = z[key] if key in z.files else None
-    except ValueError as e:
-        raise UserError(f"{path} cannot be read without pickle ({e}); save ids as str.") from None
-    except (OSError, KeyError) as e:
-        raise UserError(f"{path} is not a readable .npz file ({e}).") from None
-    return ids, values
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable .npy array ({e}).") from None
-
-
-def _read_probs(path: Path, n_labels: int) -> tuple[_Table, _Table | None]:
-    """PROBS as a table, plus the labels stored beside them in a dev_probs.npz (if any)."""
-    suffix = path.suffix.lower()
-    if not path.is_file():
-        raise UserError(f"--probs file not found: {path}")
-    labels = None
-    if suffix == ".npz":
-        ids, probs = _load_npz(path, "probs")
-        if probs is None:
-            raise UserError(f"--probs {path} has no 'probs' array.")
-        _, y = _load_npz(path, "labels")
-        if y is not None:
-            labels = _Table(ids, y, path)
-        table = _Table(ids, probs, path)
-    elif suffix == ".npy":
-        table = _Table(None, _load_npy(path), path)
-    elif suffix == ".csv":
-        table = _read_probs_csv(path, n_labels)
-    else:
-        raise UserError(f"--probs {path} must be a .npz, .npy or .csv file.")
-    _check_probs(table, n_labels)
-    return table, labels
-
-
-def _read_probs_csv(path: Path, n_labels: int) -> _Table:
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(path, dtype={"Id": str}, keep_default_na=False)
-    except (OSError, ValueError, pd.errors.ParserError) as e:
-        raise UserError(f"--probs {path} is not a readable CSV ({e}).") from None
-    if "Id" not in df.columns or len(df.columns) != n_labels + 1:
-        raise UserError(
-            f"--probs {path} needs a header 'Id' plus {n_labels} probability columns, "
-            f"got {len(df.columns)} columns."
-        )
-    cols = [c for c in df.columns if c != "Id"]
-    # columns named 0..L-1 (in any order) are put in label order; other names are taken in order
-    if all(str(c).strip().isdigit() for c in cols):
-        idx = [int(c) for c in cols]
-        if sorted(idx) != list(range(n_labels)):
-            raise UserError(f"--probs {path} numbered columns must be 0..{n_labels - 1}.")
-        cols = [cols[idx.index(i)] for i in range(n_labels)]
-    values = df[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    bad = np.argwhere(np.isnan(values))
-    if len(bad):
-        r, c = bad[0]
-        raise UserError(
-            f"--probs {path} line {r + 2} (Id {df['Id'].iloc[r]}) column {cols[c]!r} "
-            f"is not a number."
-        )
-    return _Table([str(i) for i in df["Id"]], values, path, first_line=2)
-
-
-def _check_probs(table: _Table, n_labels: int) -> None:
-    p, path = table.values, table.path
-    if p.ndim != 2 or p.shape[1] != n_labels or p.shape[0] == 0:
-        raise UserError(f"--probs {path} must hold an [N, {n_labels}] array, got {p.shape}.")
-    if not np.issubdtype(p.dtype, np.floating):
-        raise UserError(f"--probs {path} must hold floating-point probabilities, got {p.dtype}.")
-    if table.ids is not None and len(table.ids) != p.shape[0]:
-        raise UserError(f"--probs {path} has {len(table.ids)} ids for {p.shape[0]} rows.")
-    bad = np.argwhere(~((p >= 0) & (p <= 1)))
-    if len(bad):
-        r, c = bad[0]
-        raise UserError(
-            f"--probs {path} {table.row(r)} label {c} holds {float(p[r, c])!r}, not a "
-            f"probability in [0, 1]."
-        )
-    if table.ids is not None:
-        seen: dict[str, int] = {}
-        for i, name in enumerate(table.ids):
-            if name in seen:
-                raise UserError(
-                    f"--probs {path} lists Id {name} twice ({table.row(seen[name])}, "
-                    f"{table.row(i)})."
-                )
-            seen[name] = i
-
-
-def _read_targets_csv(path: str | os.PathLike, n_labels: int = NUM_LABELS):
-    """A train.csv-style file as (ids, uint8 multi-hot [N, 28]): the dataset layer's parser, so
-    every command reads Kaggle labels the same way (UserError naming the line of a bad row)."""
-    from fasthpa.data.dataset import read_targets_csv
-
-    if n_labels != NUM_LABELS:
-        raise ValueError(f"train.csv-style labels have {NUM_LABELS} columns, not {n_labels}")
-    return read_targets_csv(path)
-
-
-def _read_labels(path: Path, n_labels: int) -> _Table:
-    if not path.is_file():
-        raise UserError(f"--labels file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        ids, y = _read_targets_csv(path, n_labels)
-        return _Table(ids, y, path)
-    if suffix == ".npz":
-        ids, y = _load_npz(path, "labels")
-        if y is None:
-            raise UserError(f"--labels {path} has no 'labels' array.")
-    elif suffix == ".npy":
-        ids, y = None, _load_npy(path)
-    else:
-        raise UserError(f"--labels {path} must be a train.csv-style .csv, a .npy or a .npz file.")
-    if y.ndim != 2 or y.shape[1] != n_labels:
-        raise UserError(f"--labels {path} must hold an [N, {n_labels}] array, got {y.shape}.")
-    if y.dtype.kind not in "biuf" or not np.isin(y, (0, 1)).all():
-        raise UserError(f"--labels {path} must be multi-hot: every entry 0 or 1.")
-    return _Table(ids, y.astype(np.uint8), path)
-
-
-def _align(probs: _Table, labels: _Table) -> np.ndarray:
-    """Labels in the row order of the probabilities: by Id when the probs have Ids and the labels
-    are a train.csv (which may list more samples); else by row, requiring equal lengths."""
-    if probs.ids is not None and labels.ids is not None:
-        index = {name: i for i, name in enumerate(labels.ids)}
-        missing = [name for name in probs.ids if name not in index]
-        if missing:
-            raise UserError(
-                f"--labels {labels.path} lacks {len(missing)} Id(s) of --probs {probs.path}, "
-                f"e.g. {missing[0]}."
-            )
-        return labels.values[[index[name] for name in probs.ids]]
-    if labels.ids is not None and probs.ids is None:
-        raise UserError(
-            f"--probs {probs.path} has no Ids to match --labels {labels.path} by; give the "
-            f"probabilities as a dev_probs.npz or an Id CSV, or the labels as a .npy."
-        )
-    if labels.values.shape[0] != probs.values.shape[0]:
-        raise UserError(
-            f"--labels {labels.path} has {labels.values.shape[0]} rows but --probs "
-            f"{probs.path} has {probs.values.shape[0]}."
-        )
-    return labels.values
-
-
-def _read_prevalence(spec: str, n_labels: int) -> Any:
-    if spec in ("fit", "kaggle"):
-        return spec
-    if not Path(spec).is_file():
-        raise UserError(f"--prevalence must be fit, kaggle or a train.csv-style file: {spec!r}.")
-    ids, y = _read_targets_csv(spec, n_labels)
-    if not ids:
-        raise UserError(f"--prevalence {spec} lists no samples.")
-    return y.mean(0, dtype=np.float64)
-
-
-# ---------------------------------------------------------------------------------------------
-# The command
-# ---------------------------------------------------------------------------------------------
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``fasthpa thresholds``."""
-    parser.add_argument(
-        "--probs",
-        required=True,
-        type=Path,
-        help="dev probabilities: a run's dev_probs.npz (ids, probs, labels), an [N, 28] .npy, "
-        "or a CSV with an Id column and 28 probability columns",
-    )
-    parser.add_argument(
-        "--labels",
-        type=Path,
-        default=None,
-        help="true labels: a train.csv-style Id,Target file (matched by Id) or an [N, 28] "
-        "multi-hot .npy/.npz (matched by row); may be left out when --probs is a dev_probs.npz "
-        "with labels",
-    )
-    parser.add_argument(
-        "--method",
-        choices=METHODS,
-        default="exact",
-        help="exact F1 search, a 0.01 grid, or the prevalence rule",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="thresholds.json to write")
-    parser.add_argument(
-        "--rare-below",
-        type=int,
-        default=0,
-        metavar="K",
-        help="labels with fewer than K positives (but some) get --rare-rule instead of the "
-        "tuned threshold; 0 turns this off",
-    )
-    parser.add_argument(
-        "--rare-rule",
-        choices=RARE_RULES,
-        default="shrink",
-        help="for rare labels: shrink the tuned threshold toward 0.5, or use the prevalence rule",
-    )
-    parser.add_argument(
-        "--shrink",
-        type=float,
-        default=0.5,
-        help="fraction of the way a rare label's threshold moves toward 0.5",
-    )
-    parser.add_argument(
-        "--prevalence",
-        default="fit",
-        metavar="fit|kaggle|TRAIN_CSV",
-        help="label frequencies for the prevalence rule: those of the fitting labels, of the "
-        "Kaggle train.csv, or of a train.csv-style file",
-    )
-    parser.add_argument(
-        "--default",
-        type=float,
-        default=DEFAULT_THRESHOLD,
-        help="threshold kept for labels without positives (exact and grid)",
-    )
-    parser.add_argument(
-        "--device", default="cpu", help="torch device for the search (cpu, cuda, cuda:1)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """``fasthpa thresholds``: read, fit, print the per-label table, write thresholds.json."""
-    import torch
-
-    if args.rare_below < 0:
-        raise UserError(f"--rare-below must be >= 0, got {args.rare_below}.")
-    if not 0.0 <= args.shrink <= 1.0:
-        raise UserError(f"--shrink must lie in [0, 1], got {args.shrink}.")
-    if not 0.0 <= args.default <= 1.0:
-        raise UserError(f"--default must lie in [0, 1], got {args.default}.")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"--device {args.device!r} is not a torch device.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} asked for, but no CUDA GPU is available.")
-
-    probs, npz_labels = _read_probs(args.probs, NUM_LABELS)
-    if args.labels is not None:
-        labels = _read_labels(args.labels, NUM_LABELS)
-    elif npz_labels is not None:
-        labels = npz_labels
-        if labels.values.shape != probs.values.shape:
-            raise UserError(
-                f"--probs {args.probs} holds labels of shape {labels.values.shape} for probs of "
-                f"shape {probs.values.shape}."
-            )
-        if not np.isin(labels.values, (0, 1)).all():
-            raise UserError(f"--probs {args.probs} 'labels' must be multi-hot: every entry 0 or 1.")
-    else:
-        raise UserError(f"--labels is needed: --probs {args.probs} holds no labels.")
-    y = _align(probs, labels)
-    prevalence = _read_prevalence(args.prevalence, NUM_LABELS)
-
-    p_t = _from_numpy(probs.values).to(device)
-    y_t = _from_numpy(y.astype(np.bool_)).to(device)
-    result = fit_thresholds(
-        p_t,
-        y_t,
-        args.method,
-        rare_below=args.rare_below,
-        rare_rule=args.rare_rule,
-        shrink=args.shrink,
-        prevalence=prevalence,
-        default=args.default,
-    )
-    result.options["prevalence"] = args.prevalence
-    write_thresholds_json(
-        args.out,
-        result,
-        {"probs": str(args.probs), "labels": str(args.labels or args.probs)},
-    )
-    print_result(result)
-    print(f"wrote {args.out}")
-    return 0
-
-
-def print_result(result: ThresholdResult) -> None:
-    """A rich table: label, positives, threshold, F1 at 0.5, tuned F1, gain; then macro F1s and
-    the per-label notes (marked * in the table)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not console.is_terminal:  # a pipe or a log file: no reason to squeeze into 80 columns
-        console = Console(width=120)
-    table = Table(title=f"per-label thresholds ({result.method}, N = {result.n_samples})")
-    table.add_column("#", justify="right")
-    table.add_column("label", no_wrap=True, overflow="ellipsis", min_width=12)
-    for name in ("positives", "threshold", "F1 @ 0.5", "F1 tuned", "gain"):
-        table.add_column(name, justify="right", no_wrap=True)
-    for i, name in enumerate(result.label_names):
-        gain = result.gain[i]
-        colour = "green" if gain > 0 else "red" if gain < 0 else "dim"
-        table.add_row(
-            str(i),
-            name + (" *" if i in result.notes else ""),
-            str(result.positives[i]),
-            f"{result.thresholds[i]:.4f}",
-            f"{result.f1_at_05[i]:.4f}",
-            f"{result.f1_tuned[i]:.4f}",
-            f"[{colour}]{gain:+.4f}[/]",
-        )
-    table.add_section()
-    table.add_row(
-        "",
-        "macro F1",
-        str(int(result.positives.sum())),
-        "",
-        f"{result.macro_f1_at_05:.4f}",
-        f"{result.macro_f1_tuned:.4f}",
-        f"{result.macro_f1_tuned - result.macro_f1_at_05:+.4f}",
-    )
-    console.print(table)
-    for i, note in sorted(result.notes.items()):
-        console.print(f"* {i} {result.label_names[i]}: {note}", highlight=False)

@@ -1,0 +1,153 @@
+"""`fasthpa cv` and fold ensembles on tiny synthetic data: out-of-fold probabilities cover every
+train row once, thresholds fitted on them, an interrupted cv resumes fold by fold, predict
+averages the folds, and bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fasthpa.cv.cli import main as cv_main
+from fasthpa.data.dataset import read_targets_csv
+from fasthpa.errors import UserError
+from fasthpa.predict import predict
+from fasthpa.train import TrainHooks
+
+pytestmark = pytest.mark.slow
+
+FAST = {"loader": "torch", "workers": 0}
+
+
+def cv_args(root: Path, out: Path, *extra: str) -> list[str]:
+    flags = (
+        "--folds 2 --image-size 32 --batch-size 8 --workers 0 --loader torch --no-progress "
+        "--pretrained none --epochs 1 --log-every 2"
+    )
+    return ["--data", str(root), "--out", str(out), *flags.split(), *extra]
+
+
+def run(argv: list[str], hooks: TrainHooks | None = None) -> int:
+    try:
+        return cv_main(argv, hooks)
+    except SystemExit as e:
+        return int(e.code)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from fasthpa.data.synth import generate
+
+    root = tmp_path_factory.mktemp("cv") / "data"
+    generate(root, n=48, size=32, test_n=8, seed=5, workers=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cv_dir(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cvrun") / "cv"
+    assert cv_main(cv_args(data, out)) == 0
+    return out
+
+
+def test_oof_probabilities_cover_train_once_and_fit_the_thresholds(data, cv_dir):
+    ids, targets = read_targets_csv(data / "train.csv")
+    with np.load(cv_dir / "oof_probs.npz") as z:
+        assert list(z["ids"]) == ids  # train.csv order, every row once
+        assert np.array_equal(z["labels"], targets) and z["probs"].shape == (len(ids), 28)
+        oof = z["probs"]
+    # each row's probability is the one its fold's model gave it on its dev part
+    for fold in ("fold0", "fold1"):
+        with np.load(cv_dir / fold / "dev_probs.npz") as z:
+            where = [ids.index(i) for i in z["ids"]]
+            assert np.array_equal(oof[where], z["probs"])
+    thr = json.loads((cv_dir / "thresholds.json").read_text())
+    summary = json.loads((cv_dir / "cv_summary.json").read_text())
+    assert thr["n_samples"] == len(ids) and summary["oof_samples"] == len(ids)
+    assert summary["threshold_rule"] in ("exact", "prevalence") and len(summary["folds"]) == 2
+    assert summary["labels_per_row_true"] == pytest.approx(targets.sum(1).mean())
+    manifest = json.loads((cv_dir / "cv.json").read_text())
+    assert manifest["folds"] == ["fold0", "fold1"] and manifest["k"] == 2
+    # the folds share one set of channel statistics
+    stats = {(cv_dir / f / "channel_stats.json").read_text() for f in ("fold0", "fold1")}
+    assert stats == {(cv_dir / "channel_stats.json").read_text()}
+
+
+def test_predict_on_the_cv_folder_averages_the_folds(data, cv_dir, tmp_path):
+    both = predict(cv_dir, data, out=tmp_path / "cv.csv", **FAST)
+    one = [predict(cv_dir / f, data, out=tmp_path / f"{f}.csv", **FAST) for f in ("fold0", "fold1")]
+    mean = (one[0].probs.astype(np.float64) + one[1].probs) / 2
+    np.testing.assert_allclose(both.probs, mean, rtol=0, atol=1e-6)
+    oof_thr = json.loads((cv_dir / "thresholds.json").read_text())["thresholds"]
+    assert np.array_equal(both.thresholds, np.asarray(oof_thr))
+    # two run folders: averaged the same way, with the mean of their own thresholds
+    pair = predict([cv_dir / "fold0", cv_dir / "fold1"], data, out=tmp_path / "p.csv", **FAST)
+    np.testing.assert_allclose(pair.probs, both.probs, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(pair.thresholds, (one[0].thresholds + one[1].thresholds) / 2)
+
+
+def test_an_interrupted_cv_resumes_fold_by_fold(data, cv_dir, tmp_path, capsys):
+    out = tmp_path / "cv"
+    calls = []
+
+    def after_step(step: int) -> None:
+        calls.append(step)
+        if len(calls) == 5:  # fold 0 has 3 steps per epoch: this is step 2 of fold 1
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert run(cv_args(data, out), TrainHooks(after_step=after_step)) == 0
+    assert "stopped by SIGTERM at epoch 0, step 2" in capsys.readouterr().out
+    assert (out / "fold0" / "final_metrics.json").is_file()
+    assert (
+        not (out / "fold1" / "final_metrics.json").exists()
+        and (out / "fold1" / "last.pt").is_file()
+    )
+    assert not (out / "oof_probs.npz").exists()
+    assert run(cv_args(data, out)) == 0  # the same command: fold 1 resumes, then the OOF fit
+    assert "resuming" in capsys.readouterr().out
+    with np.load(out / "oof_probs.npz") as a, np.load(cv_dir / "oof_probs.npz") as b:
+        assert np.array_equal(a["probs"], b["probs"])  # bit-identical to the uninterrupted cv
+    thr = [json.loads((d / "thresholds.json").read_text())["thresholds"] for d in (out, cv_dir)]
+    assert thr[0] == thr[1]
+
+
+@pytest.mark.parametrize("case", ["one_fold", "fold_flag", "other_k"])
+def test_bad_requests_are_one_line(data, cv_dir, tmp_path, case, capsys):
+    args = cv_args(data, tmp_path / "cv")
+    if case == "one_fold":
+        args[args.index("--folds") + 1], message = (
+            "1",
+            "--folds 1: cross-validation needs at least 2",
+        )
+    elif case == "fold_flag":
+        args += ["--fold", "0/2"]
+        message = "--fold: fasthpa cv chooses each fold's split"
+    else:
+        args[args.index("--out") + 1] = str(cv_dir)
+        args[args.index("--folds") + 1] = "3"
+        message = "was made with --folds 2, not 3"
+    with pytest.raises(SystemExit) as exc:
+        cv_main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+def test_folds_of_different_experiments_and_missing_folds_are_refused(data, cv_dir, tmp_path):
+    from fasthpa.cv import collect_oof
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(cv_dir, mixed)
+    cfg = json.loads((mixed / "fold1" / "config.json").read_text())
+    cfg["data"]["image_size"] = 64
+    (mixed / "fold1" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="fold1: trained with --image-size 64"):
+        collect_oof(mixed)
+    shutil.rmtree(mixed / "fold1")
+    with pytest.raises(UserError, match="fold run fold1 is missing"):
+        predict(mixed, data, out=tmp_path / "s.csv", **FAST)
