@@ -306,7 +306,9 @@ elif [[ "$cuda_ok" != 1 ]]; then
 else
     run_step pytest "${LIMIT[pytest]}" pytest_gpu.log "$python" -m pytest -m "gpu or dali" tests/ \
         -v -p no:cacheprovider --durations=12 --junitxml="$out/pytest_gpu.xml"
-    set_figure "$(grep -E '(passed|failed|error)' "$out/pytest_gpu.log" | tail -1 | tr -d '=' | sed 's/^ *//')"
+    tally="$(grep -E '^=+ .*(passed|failed|error).* =+$' "$out/pytest_gpu.log" | tail -1 | tr -d '=' | sed 's/^ *//')"
+    [[ -n "$tally" ]] || tally="stopped: $(grep -c ' PASSED' "$out/pytest_gpu.log") passed, $(grep -cE ' (FAILED|ERROR)' "$out/pytest_gpu.log") failed so far"
+    set_figure "$tally"
     run_step throughput "${LIMIT[throughput]}" throughput.log "$python" "${throughput_cmd[@]}"
     run_step losses "${LIMIT[losses]}" losses.log "$python" "${losses_cmd[@]}"
     run_step thresholds "${LIMIT[thresholds]}" thresholds.log "$python" "${thresholds_cmd[@]}"
