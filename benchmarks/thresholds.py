@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from collections.abc import Callable
 
 import numpy as np
 from common import ResultFiles, markdown_table, time_fn
@@ -137,13 +138,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def baseline_rows(n, p, y, args, last: dict[str, tuple[int, float]], say) -> list[dict]:
+Emit = Callable[[dict, str], None]
+"""emit(row, line): record a row (and rewrite the result files), print its line"""
+
+
+def baseline_rows(n, p, y, args, last: dict[str, tuple[int, float]], emit: Emit) -> None:
     """The CPU baselines at N = n: timed on the first ``args.baseline_max_n`` rows (the rows are
     independent draws) and scaled by n / rows, or skipped when the previous N predicts a run
     longer than ``args.max_baseline_s``. ``last`` carries each baseline's (rows, seconds)."""
     timed_n = min(n, args.baseline_max_n) if args.baseline_max_n > 0 else n
     ps, ys = p[:timed_n], y[:timed_n]
-    rows = []
     for name, fn in (
         ("sklearn loop", functools.partial(sklearn_loop, ps, ys)),
         ("python grid", functools.partial(python_grid, ps, ys)),
@@ -151,24 +155,23 @@ def baseline_rows(n, p, y, args, last: dict[str, tuple[int, float]], say) -> lis
         prev = last.get(name)
         predicted = prev[1] * timed_n / prev[0] if prev else 0.0
         if predicted > args.max_baseline_s:
-            say(f"[yellow]skip {name} at N={n}: predicted {predicted:.0f} s[/]")
             skipped = {"skipped": True, "predicted_s": predicted}
-            rows.append({"n": n, "device": "cpu", "method": name, **skipped})
+            row = {"n": n, "device": "cpu", "method": name, **skipped}
+            emit(row, f"[yellow]skip {name} at N={n}: predicted {predicted:.0f} s[/]")
             continue
         stats = timed(fn, "cpu", args.repeats, args.budget_s)
         last[name] = (timed_n, stats["median_s"])
         scale = n / timed_n  # the grid is linear in n; the loop sorts (n log n): conservative
         for key in ("median_s", "min_s", "max_s"):
             stats[key] *= scale
-        rows.append({"n": n, "device": "cpu", "method": name, **stats, "timed_n": timed_n})
+        row = {"n": n, "device": "cpu", "method": name, **stats, "timed_n": timed_n}
         scaled = f" (timed on {timed_n:,} rows, x{scale:.3g})" if scale > 1 else ""
-        say(f"N={n:>9,} cpu  {name:<30} {stats['median_s'] * 1e3:10.2f} ms{scaled}")
-    return rows
+        emit(row, f"N={n:>9,} cpu  {name:<30} {stats['median_s'] * 1e3:10.2f} ms{scaled}")
 
 
-def fasthpa_rows(n, p, y, dev: str, base: dict[str, float], args, say) -> tuple[list, dict]:
+def fasthpa_rows(n, p, y, dev: str, base: dict[str, float], args, emit: Emit) -> dict:
     """fasthpa's searches at N = n on ``dev``, after checking the exact search finds
-    scikit-learn's optimum; returns the rows and the check."""
+    scikit-learn's optimum (returned)."""
     import torch
 
     from fasthpa.thresholds import _as_tensors, fit_thresholds
@@ -191,16 +194,14 @@ def fasthpa_rows(n, p, y, dev: str, base: dict[str, float], args, say) -> tuple[
     if dev == "cpu":  # the numpy-argsort trick in isolation: the same search on torch.sort
         on_torch_sort = functools.partial(exact_search, pv, yv, "torch")
         candidates.insert(2, ("fasthpa exact (search, torch.sort)", on_torch_sort))
-    rows = []
     for name, fn in candidates:
         stats = timed(fn, dev, args.repeats, args.budget_s)
         row = {"n": n, "device": dev, "method": name, **stats}
         for bname in ("sklearn loop", "python grid"):
             key = "x_vs_" + bname.replace(" ", "_")
             row[key] = base[bname] / stats["median_s"] if bname in base else None
-        rows.append(row)
-        say(f"N={n:>9,} {dev:<4} {name:<30} {stats['median_s'] * 1e3:10.2f} ms")
-    return rows, check
+        emit(row, f"N={n:>9,} {dev:<4} {name:<30} {stats['median_s'] * 1e3:10.2f} ms")
+    return check
 
 
 COLUMNS = ["N", "device", "method", "median ms", "spread", "repeats", "timed on N"]
@@ -266,17 +267,18 @@ def main(argv: list[str] | None = None) -> None:
         extra |= {"torch_threads": torch.get_num_threads(), "baseline_max_n": args.baseline_max_n}
         return files.write(rows, markdown(rows, devs, args), extra=extra, complete=complete)
 
+    def emit(row: dict, line: str) -> None:
+        rows.append(row)
+        console.print(line)
+        save(complete=False)
+
     last_baseline: dict[str, tuple[int, float]] = {}
     for n in args.sizes:
         p, y = make_data(n)
-        rows += baseline_rows(n, p, y, args, last_baseline, console.print)
-        save(complete=False)
+        baseline_rows(n, p, y, args, last_baseline, emit)
         base = {r["method"]: r["median_s"] for r in rows if r["n"] == n and not r.get("skipped")}
         for dev in devices:
-            got, check = fasthpa_rows(n, p, y, dev, base, args, console.print)
-            rows += got
-            checks.append(check)
-            save(complete=False)
+            checks.append(fasthpa_rows(n, p, y, dev, base, args, emit))
 
     table = Table(title="per-label threshold search, 28 labels (median of repeats)")
     for c in COLUMNS:

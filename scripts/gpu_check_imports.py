@@ -130,7 +130,7 @@ def check_carried(site: Path | None) -> list[str]:
         except Exception as e:  # a compiled wheel for another Python fails here, say so
             problems.append(f"carried {name} does not import: {type(e).__name__}: {e}")
             continue
-        origin = Path(os.path.realpath(module.__file__))
+        origin = Path(os.path.realpath(module.__file__ or entry))
         where = "" if Path(os.path.realpath(site)) in origin.parents else " (NOT the carried copy)"
         extra = ""
         if name == "lz4":  # a compiled extension: prove it loads and works

@@ -195,9 +195,21 @@ def test_train_step_compiles_statically_and_a_loss_swap_keeps_the_model(monkeypa
         step.with_loss_of(dataclasses.replace(cfg, amp=False))
 
 
-def test_threshold_baselines_above_the_cap_are_timed_on_a_subsample_and_scaled(tmp_path):
+def test_threshold_baselines_above_the_cap_are_timed_on_a_subsample_and_scaled(
+    tmp_path, monkeypatch
+):
+    writes: list[tuple[int, bool]] = []
+    original_write = thresholds.ResultFiles.write
+
+    def spy(self, rows, markdown, extra=None, complete=True):
+        writes.append((len(rows), complete))
+        return original_write(self, rows, markdown, extra, complete)
+
+    monkeypatch.setattr(thresholds.ResultFiles, "write", spy)
     argv = ["--sizes", "300", "900", "--baseline-max-n", "450", "--devices", "cpu"]
     thresholds.main([*argv, "--repeats", "1", "--budget-s", "0.01", "--out-dir", str(tmp_path)])
+    # per N: 2 baselines + 4 fasthpa rows on the CPU, each written as it is measured
+    assert writes == [(n, False) for n in range(1, 13)] + [(12, True)]
     (json_path,) = tmp_path.glob("thresholds_*.json")
     payload = json.loads(json_path.read_text())
     assert payload["complete"] is True and payload["baseline_max_n"] == 450
