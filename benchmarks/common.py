@@ -76,6 +76,56 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "device"
 
 
+class ResultFiles:
+    """The ``<theme>_<device>_<date>.{json,md}`` pair of one benchmark run.
+
+    ``write(rows, markdown)`` rewrites both files atomically; a benchmark calls it after every
+    row with ``complete=False`` and once at the end with ``complete=True``, so a run killed at
+    its time limit still leaves every figure it measured (the JSON says ``"complete": false``
+    and the markdown says "partial"). The environment record is taken once, at construction.
+    """
+
+    def __init__(self, theme: str, device: Any, out_dir: str | Path | None = None) -> None:
+        self.theme = theme
+        self.env = environment(device)
+        self.out = Path(out_dir) if out_dir else RESULTS_DIR
+        self.stem = f"{theme}_{device_slug(self.env['device'])}_{_dt.date.today().isoformat()}"
+        self.started = _dt.datetime.now().isoformat(timespec="seconds")
+
+    def write(
+        self,
+        rows: list[dict[str, Any]],
+        markdown: str,
+        extra: dict | None = None,
+        complete: bool = True,
+    ) -> tuple[Path, Path]:
+        """Write the JSON (environment, rows, ``extra``) and the markdown; returns their paths."""
+        env = self.env
+        payload = {
+            "theme": self.theme,
+            "date": self.started,
+            "complete": complete,
+            "environment": env,
+            "rows": rows,
+            **(extra or {}),
+        }
+        jp = atomic_write_json(self.out / f"{self.stem}.json", payload)
+        partial = (
+            ""
+            if complete
+            else f"**partial**: {len(rows)} rows so far; the run had not finished when this was "
+            "written (it may have been stopped at its time limit).\n\n"
+        )
+        header = (
+            f"# {self.theme}\n\n"
+            f"- device: {env['device']}\n- cpu threads: {env['cpu_threads']}\n"
+            f"- torch {env['torch']}, triton {env['triton']}, DALI {env['dali']}, "
+            f"python {env['python']}\n- commit: {env['git_commit']}\n- date: {self.started}\n\n"
+        )
+        mp = atomic_write_text(self.out / f"{self.stem}.md", header + partial + markdown + "\n")
+        return jp, mp
+
+
 def write_results(
     theme: str,
     device: Any,
@@ -84,26 +134,8 @@ def write_results(
     extra: dict | None = None,
     out_dir: str | Path | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``<theme>_<device>_<date>.json`` and ``.md`` with the environment record."""
-    env = environment(device)
-    out = Path(out_dir) if out_dir else RESULTS_DIR
-    stem = f"{theme}_{device_slug(env['device'])}_{_dt.date.today().isoformat()}"
-    payload = {
-        "theme": theme,
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "environment": env,
-        "rows": rows,
-        **(extra or {}),
-    }
-    jp = atomic_write_json(out / f"{stem}.json", payload)
-    header = (
-        f"# {theme}\n\n"
-        f"- device: {env['device']}\n- cpu threads: {env['cpu_threads']}\n"
-        f"- torch {env['torch']}, triton {env['triton']}, DALI {env['dali']}, "
-        f"python {env['python']}\n- commit: {env['git_commit']}\n- date: {payload['date']}\n\n"
-    )
-    mp = atomic_write_text(out / f"{stem}.md", header + markdown + "\n")
-    return jp, mp
+    """Write ``<theme>_<device>_<date>.json`` and ``.md`` with the environment record, once."""
+    return ResultFiles(theme, device, out_dir).write(rows, markdown, extra)
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:

@@ -26,10 +26,11 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, markdown_table, synchronize, time_fn, write_results
+from common import ROOT, ResultFiles, markdown_table, synchronize, time_fn
 
 LAYOUTS = ("kaggle", "packed", "npy")
 
@@ -76,8 +77,11 @@ def measure(
     n: int,
     batch_size: int,
     repeats: int,
+    on_row: Callable[[list[dict]], None] = lambda rows: None,
 ) -> list[dict]:
-    """samples/s for each size x layout x backend; rows are dicts ready for write_results."""
+    """samples/s for each size x layout x backend; rows are dicts ready for ResultFiles.write.
+    ``on_row(rows)`` is called with the rows so far after each cell (to write partial results);
+    each row's ``vs_torch_4file`` is filled in as soon as its size's baseline is measured."""
     import torch
 
     from fasthpa.data.loader import build_loader
@@ -125,7 +129,14 @@ def measure(
                 print(f"  {size:4d} px {layout:7s} {loader.backend:9s} "
                       f"{rows[-1]['samples_per_s']:9.1f} samples/s", flush=True)  # fmt: skip
                 del loader
-    for size in sizes:  # ratios against the baseline measured in this run
+                _ratios(rows)
+                on_row(rows)
+    return rows
+
+
+def _ratios(rows: list[dict]) -> None:
+    """Each row's speed against the PyTorch twin on the 4-file layout at its size (this run)."""
+    for size in {r["size"] for r in rows}:
         base = [
             r
             for r in rows
@@ -134,7 +145,6 @@ def measure(
         for r in rows:
             if r["size"] == size and base:
                 r["vs_torch_4file"] = r["samples_per_s"] / base[0]["samples_per_s"]
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from fasthpa.data.loader import dali_available
-    from fasthpa.envinfo import environment
 
     if args.quick:
         args.n, args.repeats = min(args.n, 64), min(args.repeats, 3)
@@ -169,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or os.cpu_count() or 1
     sizes = [int(s) for s in args.sizes.split(",")]
     backends = [b for b in args.backends.split(",") if b != "dali" or dali_available()]
+    files = None if args.no_save else ResultFiles("loader", device, args.out_dir)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fasthpa_loader_bench_"))
     try:
         root = Path(args.data) if args.data not in ("synth", "random") else work / "data"
@@ -179,39 +189,64 @@ def main(argv: list[str] | None = None) -> int:
         stored = stored_size(open_source(root))[0]
         pack_dirs = packs(root, work, sizes, stored, threads)
         print(f"data: {described}; packed in {time.perf_counter() - t0:.0f} s", flush=True)
-        load_before = os.getloadavg()
-        rows = measure(root, pack_dirs, sizes=sizes, backends=backends, device=device,
-                       threads=threads, n=args.n, batch_size=args.batch_size,
-                       repeats=args.repeats)  # fmt: skip
+        load_before = os.getloadavg()[0]
+
+        def save(rows: list[dict], complete: bool = False):
+            if files is None:
+                return ()
+            load = (load_before, os.getloadavg()[0])
+            extra = {"data": described, "load_average_before_after": load}
+            extra["args"] = {k: str(v) for k, v in vars(args).items()}
+            md = _markdown(rows, described, args, threads, load)
+            return files.write(rows, md, extra=extra, complete=complete)
+
+        rows = measure(
+            root,
+            pack_dirs,
+            sizes=sizes,
+            backends=backends,
+            device=device,
+            threads=threads,
+            n=args.n,
+            batch_size=args.batch_size,
+            repeats=args.repeats,
+            on_row=save,
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    load = (load_before[0], os.getloadavg()[0])
-    env = environment(device)
-    title = (f"loader throughput: {env['device']}, {threads} threads, torch {env['torch']}, "
-             f"DALI {env['dali']}, data: {described}")  # fmt: skip
+    env = files.env if files is not None else {"device": device, "torch": torch.__version__}
+    title = f"loader throughput: {env['device']}, {threads} threads, torch {env['torch']}, "
+    title += f"DALI {env.get('dali')}, data: {described}"
     table = Table(title=title)
-    columns = ["size", "layout", "backend", "samples_per_s", "spread", "vs_torch_4file"]
-    for c in columns:
+    for c in COLUMNS:
         table.add_column(c, justify="right")
     for r in rows:
-        table.add_row(*(f"{r.get(c, ''):.3g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
-                        for c in columns))  # fmt: skip
+        table.add_row(*(_cell(r.get(c, "")) for c in COLUMNS))
     Console().print(table)
-    if not args.no_save:
-        md = (f"data: {described}; {args.n} samples per epoch, batch {args.batch_size}, "
-              f"{threads} threads, {args.repeats} timed epochs after one warm-up epoch; "
-              f"samples/s is the median. vs_torch_4file: relative to the PyTorch twin on the "
-              f"4-file layout at the same size, same run. 1-minute load average before/after: "
-              f"{load[0]:.1f}/{load[1]:.1f} on {os.cpu_count()} cores (a shared machine reads "
-              f"low and noisy; compare ratios, not absolute figures).\n\n")  # fmt: skip
-        md += markdown_table(rows, columns + ["epoch_s", "samples", "batch", "threads"])
-        extra = {"data": described, "load_average_before_after": load,
-                 "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
-        paths = write_results("loader", device, rows, md, extra=extra, out_dir=args.out_dir)
-        print("wrote", *paths)
+    if files is not None:
+        print("wrote", *save(rows, complete=True))
     return 0
+
+
+COLUMNS = ["size", "layout", "backend", "samples_per_s", "spread", "vs_torch_4file"]
+
+
+def _cell(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _markdown(rows: list[dict], described: str, args, threads: int, load: tuple) -> str:
+    md = (
+        f"data: {described}; {args.n} samples per epoch, batch {args.batch_size}, "
+        f"{threads} threads, {args.repeats} timed epochs after one warm-up epoch; "
+        "samples/s is the median. vs_torch_4file: relative to the PyTorch twin on the "
+        "4-file layout at the same size, same run. 1-minute load average before/after: "
+        f"{load[0]:.1f}/{load[1]:.1f} on {os.cpu_count()} cores (a shared machine reads "
+        "low and noisy; compare ratios, not absolute figures).\n\n"
+    )
+    return md + markdown_table(rows, COLUMNS + ["epoch_s", "samples", "batch", "threads"])
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from common import ROOT, markdown_table, print_rows, time_fn, write_results
+from common import ROOT, ResultFiles, markdown_table, print_rows, time_fn
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -104,8 +104,11 @@ def max_rel_error(loss_fn, ref_fn, x, y) -> float:
     return float((got - ref).abs().max() / ref.abs().max())
 
 
-def loss_rows(device, batches, repeats, compile_mode: str) -> list[dict]:
-    """compile_mode: "per-shape" (dynamic=False, recompiled per batch), "dynamic" or "off"."""
+def loss_rows(
+    device, batches, repeats, compile_mode: str, on_row: Callable[[list], None] = lambda rows: None
+) -> list[dict]:
+    """compile_mode: "per-shape" (dynamic=False, recompiled per batch), "dynamic" or "off".
+    ``on_row(rows)`` is called with the rows so far after each one (to write partial results)."""
     import torch
     from fasthpa.kernels import label_weights_from_frequency
 
@@ -146,12 +149,17 @@ def loss_rows(device, batches, repeats, compile_mode: str) -> list[dict]:
             best = "triton" if cuda else "twin"
             # speed-up from the minima: the medians on a shared CPU carry other processes' noise
             row[f"{best} vs eager"] = row["eager min ms"] / row[f"{best} min ms"]
+            row["max rel err"] = max(v for k, v in row.items() if k.endswith(" err"))
             rows.append(row)
+            on_row(rows)
     return rows
 
 
-def step_rows(device, batch: int, size: int, repeats: int) -> list[dict]:
-    """A ResNet18 training step with each loss, and the loss's own share of it."""
+def step_rows(
+    device, batch: int, size: int, repeats: int, on_row: Callable[[list], None] = lambda rows: None
+) -> list[dict]:
+    """A ResNet18 training step with each loss, and the loss's own share of it; ``on_row`` as
+    in ``loss_rows``."""
     import torch
     import torchvision
 
@@ -198,6 +206,7 @@ def step_rows(device, batch: int, size: int, repeats: int) -> list[dict]:
                     "loss share (min)": t_loss["min_s"] / t_step["min_s"],
                 }
             )
+            on_row(rows)
     return rows
 
 
@@ -213,8 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-
-    from fasthpa.envinfo import environment
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         batches, repeats = [8, 32, 128, 512, 2048, 8192], 51
         step_batch, step_size = (32, 512) if cuda else (8, 128)
 
-    env = environment(device)
+    files = ResultFiles("losses", device, args.out_dir)
+    env = files.env
     load_before = os.getloadavg()[0]  # other processes' load: timings on a shared CPU vary
     print(
         f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
@@ -240,31 +248,34 @@ def main(argv: list[str] | None = None) -> int:
         f"commit {env['git_commit']}"
     )
     compile_mode = "off" if args.no_compile else "dynamic" if args.quick else "per-shape"
-    rows = loss_rows(device, batches, repeats, compile_mode)
     best = "triton" if cuda else "twin"
-    for r in rows:
-        r["max rel err"] = max(v for k, v in r.items() if k.endswith(" err"))
-    impls = ("eager", "compile", "twin", "triton")
-    display = []  # the printed tables: each time as "median (min)"; the JSON keeps the numbers
-    for r in rows:
-        d = {"loss": r["loss"], "batch": r["batch"]}
-        for impl in impls:
-            med, low = r[f"{impl} ms"], r[f"{impl} min ms"]
-            d[f"{impl} ms"] = med if isinstance(med, str) else f"{med:.4g} ({low:.4g})"
-        d[f"{best} vs eager (min)"] = f"{r[f'{best} vs eager']:.3g}x"
-        d["max rel err"] = r["max rel err"]
-        display.append(d)
-    columns = list(display[0])
+    rows: list[dict] = []
+    steps: list[dict] = []
+    extra = {"quick": args.quick, "repeats": repeats, "compile": compile_mode}
+
+    def save(complete: bool, note: str = ""):
+        # the JSON keeps every number; each step row is marked kind="step"
+        md = _markdown(_display(rows, best), steps, note)
+        payload = rows + [dict(r, kind="step") for r in steps]
+        return files.write(payload, md, extra=extra | {"note": note}, complete=complete)
+
+    def saving_into(into: list) -> Callable[[list], None]:
+        def on_row(got: list) -> None:
+            into[:] = got
+            save(complete=False)
+
+        return on_row
+
+    loss_rows(device, batches, repeats, compile_mode, saving_into(rows))
+    display = _display(rows, best)
     print_rows(
         "loss forward + backward, ms: median (min); max rel err: the worst implementation's "
         "loss vs the float64 reference",
         display,
-        columns,
+        list(display[0]),
     )
-    steps = step_rows(device, step_batch, step_size, repeats)
-    step_columns = ["loss", "loss impl", "step", "step ms", "step min ms", "loss fwd+bwd ms"]
-    step_columns += ["loss min ms", "loss share of step", "loss share (min)"]
-    print_rows("the loss inside a training step", steps, step_columns)
+    step_rows(device, step_batch, step_size, repeats, saving_into(steps))
+    print_rows("the loss inside a training step", steps, STEP_COLUMNS)
 
     load_after = os.getloadavg()[0]
     note = (
@@ -276,28 +287,38 @@ def main(argv: list[str] | None = None) -> int:
         "interpreter, which is a correctness tool and is not timed). twin: fasthpa.kernels' "
         "plain PyTorch kernel, what backend='auto' runs off CUDA."
     )
-    markdown = (
-        "## Loss forward + backward\n\n"
-        + markdown_table(display, columns)
-        + f"\n\n{note}\n\n## The loss inside a training step\n\n"
-        + markdown_table(steps, step_columns)
-    )
-    paths = write_results(
-        "losses",
-        device,
-        rows + [dict(r, kind="step") for r in steps],
-        markdown,
-        extra={
-            "quick": args.quick,
-            "repeats": repeats,
-            "compile": compile_mode,
-            "load_average": [load_before, load_after],
-            "note": note,
-        },
-        out_dir=args.out_dir,
-    )
+    extra["load_average"] = [load_before, load_after]
+    paths = save(complete=True, note=note)
     print("wrote", *map(str, paths))
     return 0
+
+
+STEP_COLUMNS = ["loss", "loss impl", "step", "step ms", "step min ms", "loss fwd+bwd ms"]
+STEP_COLUMNS += ["loss min ms", "loss share of step", "loss share (min)"]
+IMPLS = ("eager", "compile", "twin", "triton")
+
+
+def _display(rows: list[dict], best: str) -> list[dict]:
+    """The printed table's rows: each time as "median (min)"; the JSON keeps the numbers."""
+    display = []
+    for r in rows:
+        d = {"loss": r["loss"], "batch": r["batch"]}
+        for impl in IMPLS:
+            med, low = r[f"{impl} ms"], r[f"{impl} min ms"]
+            d[f"{impl} ms"] = med if isinstance(med, str) else f"{med:.4g} ({low:.4g})"
+        d[f"{best} vs eager (min)"] = f"{r[f'{best} vs eager']:.3g}x"
+        d["max rel err"] = r["max rel err"]
+        display.append(d)
+    return display
+
+
+def _markdown(display: list[dict], steps: list[dict], note: str) -> str:
+    return (
+        "## Loss forward + backward\n\n"
+        + markdown_table(display, list(display[0]) if display else None)
+        + f"\n\n{note}\n\n## The loss inside a training step\n\n"
+        + markdown_table(steps, STEP_COLUMNS)
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ batch-size sweep with MFU, all measured in one run on one device.
 
 The ladder (each rung adds one thing to the one before; same arch, batch and image size):
 fp32 eager NCHW -> + channels_last -> + AMP (bf16) -> + torch.compile -> + fused loss. Each rung
-runs the trainer's own ``fasthpa.train.train_step`` (forward, weighted BCE, backward, Adam) and
+runs the trainer's own ``fasthpa.train.step.train_step`` (forward, weighted BCE, backward, Adam) and
 reports two figures, as the NVIDIA reference trainers do:
 
 - model only ("compute"): inputs already resident on the device, images/sec of the step alone;
@@ -20,10 +20,17 @@ reports two figures, as the NVIDIA reference trainers do:
 The batch-size sweep runs the trainer's default configuration for the device (CUDA: channels_last
 + bf16 + compile + fused loss; CPU: channels_last, fp32, eager) at each batch size (CUDA: 8,
 doubling until out of memory, then one step back between the last fit and the failure; or the
-``--batch-sizes`` list), reporting images/sec, efficiency relative to the best batch, step time,
-peak memory and MFU: training FLOPs per image counted with ``torch.utils.flop_counter`` (convs
-and matmuls, forward and backward) x images/sec / the matrix-multiply peak measured in this same
-run on this device (bf16 for AMP rungs, fp32 otherwise; TF32 allowed on CUDA as in the trainer).
+``--batch-sizes`` list), a fresh model per size, reporting images/sec, efficiency relative to the
+best batch, step time, peak memory and MFU: training FLOPs per image counted with
+``torch.utils.flop_counter`` (convs and matmuls, forward and backward) x images/sec / the
+matrix-multiply peak measured in this same run on this device (bf16 for AMP rungs, fp32
+otherwise; TF32 allowed on CUDA as in the trainer). On CUDA each size is compiled statically:
+``torch._dynamo.reset()`` and a fresh ``torch.compile(dynamic=False)``, the graph a fixed-batch
+trainer runs (reusing one compiled model would recompile it with dynamic shapes), at the price of
+a cold compile per size; ``--sweep-compile off`` sweeps eager instead. The output says which.
+
+The result files are rewritten after every rung and every batch size, so a run stopped at a time
+limit keeps every figure it measured (``"complete": false`` in the JSON until the end).
 
 Timing: the first step (which includes compilation) is timed on its own and reported as
 ``first_step_s``; then ``--warmup`` more steps, then ``--repeats`` synchronised timings (CUDA
@@ -35,7 +42,7 @@ events on a GPU) of ``--inner`` steps each; the tables give the median and the s
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import dataclasses
 import gc
 import os
@@ -49,17 +56,19 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    ResultFiles,
     markdown_table,
     positive_int_list,
     synchronize,
     time_fn,
     wide_console,
-    write_results,
 )
 
-import fasthpa.config
+from fasthpa.data.contract import CHANNEL_SETS
+from fasthpa.weights import ARCHS
 
 COMPILE_CHOICES = ("auto", "on", "off")
+SWEEP_COMPILE_CHOICES = ("static", "off")
 
 
 @dataclass(frozen=True)
@@ -92,9 +101,11 @@ def ladder(compile_step: bool) -> list[StepConfig]:
 
 
 def default_config(device_type: str, compile_on: bool) -> StepConfig:
-    """What ``fasthpa train`` runs by default on this device type (used for the sweep)."""
+    """What ``fasthpa train`` runs by default on this device type (used for the sweep);
+    ``compile_on`` False leaves the compile out (``--compile off`` or ``--sweep-compile off``)."""
     if device_type == "cuda":
-        return StepConfig("trainer default (cuda)", True, True, compile_on, True)
+        name = "trainer default (cuda)" if compile_on else "trainer default (cuda), eager"
+        return StepConfig(name, True, True, compile_on, True)
     # on CPU the trainer leaves AMP and compile off (--amp auto, --compile default)
     return StepConfig("trainer default (cpu)", True, False, False, True)
 
@@ -119,6 +130,9 @@ class Options:
     """training steps per timed end-to-end repeat"""
     compile: str = "auto"
     """the compile rung: on/auto (included) or off (left out, and noted)"""
+    sweep_compile: str = "static"
+    """the CUDA sweep: static (Dynamo reset and a fresh ``dynamic=False`` compile per batch size,
+    a cold compile each) or off (eager: channels_last + bf16 + fused loss, no compile)"""
     skip_e2e: bool = False
     data: str | None = None
     """Kaggle-layout root for the end-to-end rungs; None: a synthetic dataset in a temp folder"""
@@ -203,44 +217,38 @@ def random_batch(batch: int, channels: int, size: int, device, dtype, channels_l
 
 
 class TrainStep:
-    """The trainer's training step (``fasthpa.train.train_step``) built for one StepConfig.
+    """The trainer's training step (``fasthpa.train.step.train_step``) built for one StepConfig.
 
     ``step(x, y)`` runs forward, weighted BCE (weights 1 - Kaggle label frequency, as
-    ``--loss wbce``), backward and an Adam step; it returns the loss as a device tensor.
+    ``--loss wbce``), backward and an Adam step; it returns the loss as a device tensor. A
+    compiled step is compiled with ``dynamic=False``: one static graph per input shape, what a
+    fixed-batch trainer runs (a second shape would recompile, never turn the graph dynamic).
     """
 
     def __init__(self, cfg: StepConfig, arch: str, in_channels: int, device, seed: int = 0):
-        import fasthpa.kernels as K
         import torch
-        import torch.nn.functional as F
 
         from fasthpa.model import build_model
+        from fasthpa.runtime import autocast_factory, make_optimizer, to_device, wrap_model
 
         self.cfg, self.device = cfg, device
         torch.manual_seed(seed)
         model, _ = build_model(arch, in_channels=in_channels, pretrained="none")
-        model.to(device)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-        self.raw_model = model
-        fused = {"fused": True} if device.type == "cuda" else {}
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, **fused)
-        self.model = torch.compile(model) if cfg.compile else model
-        weight = (1.0 - kaggle_label_frequency()).to(device)
-        if cfg.fused_loss:
-            self.loss_fn = lambda logits, y: K.bce_with_logits(logits, y, weight=weight)
-        else:
-            self.loss_fn = lambda logits, y: F.binary_cross_entropy_with_logits(
-                logits, y, weight=weight
-            )
+        self.raw_model = to_device(model, device, cfg.channels_last)
+        self.optimizer = make_optimizer(model.parameters(), lr=1e-3, device=device)
+        self.model = wrap_model(model, device, compile=cfg.compile, dynamic=False)
+        self.loss_fn = _loss_fn(cfg.fused_loss, device)
         self.input_dtype = torch.bfloat16 if cfg.amp else torch.float32
+        self.autocast = autocast_factory(device, torch.bfloat16 if cfg.amp else None)
 
-    def autocast(self):
-        import torch
-
-        if not self.cfg.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+    def with_loss_of(self, cfg: StepConfig) -> TrainStep:
+        """This step (same model, compiled code and optimiser) with ``cfg``'s loss: the loss runs
+        outside the compiled model, so swapping it needs no recompilation."""
+        if not _same_model(self.cfg, cfg):
+            raise ValueError(f"{cfg.name!r} needs another model than {self.cfg.name!r}")
+        other = copy.copy(self)
+        other.cfg, other.loss_fn = cfg, _loss_fn(cfg.fused_loss, self.device)
+        return other
 
     def __call__(self, x, y):
         from fasthpa.train.step import train_step
@@ -248,6 +256,17 @@ class TrainStep:
         if not self.cfg.channels_last and not x.is_contiguous():
             x = x.contiguous()  # an NCHW pipeline hands the model a contiguous batch
         return train_step(self.model, self.optimizer, None, self.loss_fn, [(x, y)], self.autocast)
+
+
+def _loss_fn(fused: bool, device) -> Callable:
+    """Weighted BCE, weights 1 - Kaggle label frequency: fasthpa's fused kernel or PyTorch's."""
+    import fasthpa.kernels as K
+    import torch.nn.functional as F
+
+    weight = (1.0 - kaggle_label_frequency()).to(device)
+    if fused:
+        return lambda logits, y: K.bce_with_logits(logits, y, weight=weight)
+    return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y, weight=weight)
 
 
 def timed_first_step(fn: Callable[[], Any], device) -> float:
@@ -376,12 +395,14 @@ def sweep_batches(
     start: int = 8,
     max_batch: int = 2048,
     on_oom: Callable[[], None] = lambda: None,
+    on_row: Callable[[dict], None] = lambda row: None,
 ) -> list[dict]:
     """Run ``measure(batch)`` over a batch-size list, or double from ``start`` until out of memory.
 
     Doubling: after an OOM at B (last fit P = B / 2), one step back tries the multiple of 8
     halfway between P and B, then stops. A listed sweep stops at its first OOM. Every attempt
-    gives a row; an OOM row has ``oom=True`` and no figures. ``on_oom`` frees memory.
+    gives a row; an OOM row has ``oom=True`` and no figures. ``on_oom`` frees memory;
+    ``on_row(row)`` is called as each row is added (to write partial results).
     """
     rows: list[dict] = []
 
@@ -393,8 +414,10 @@ def sweep_batches(
                 raise
             on_oom()
             rows.append({"batch": batch, "oom": True})
+            on_row(rows[-1])
             return False
         rows.append({"batch": batch, "oom": False, **row})
+        on_row(rows[-1])
         return True
 
     if batch_sizes is not None:
@@ -460,34 +483,219 @@ def _e2e_loader(root: Path, step: TrainStep, batch: int, opts: Options, stats):
     )
 
 
-def run_benchmark(opts: Options) -> dict[str, Any]:
-    """Measure the ladder and the sweep; print the tables; write the result files (if
-    ``opts.save``). Returns {"ladder", "sweep", "peaks", "flops_per_image", "paths", ...}."""
-    import torch
+class _Run:
+    """One benchmark run's state: what is measured so far, written out after every row."""
 
-    from fasthpa.data.stats import ChannelStats
-    from fasthpa.envinfo import device_name
-    from fasthpa.runtime import enable_tf32
+    def __init__(self, opts: Options) -> None:
+        import torch
 
-    device = resolve_device(opts.device)
-    if device.type == "cuda":  # the trainer's settings, so the figures match a real run
-        torch.backends.cudnn.benchmark = True
-        enable_tf32()
-    in_channels = 4 if opts.channels == "rgby" else 3
-    batch = opts.ladder_batch or (64 if device.type == "cuda" else 8)
-    notes = list(opts.notes)
-    # compile fits every budget so far (about 20 s for the rung on an idle 2-core CPU at 64 px;
-    # the fused-loss rung reuses the compiled code); --compile off leaves the rung out
-    compile_on = opts.compile != "off"
-    if not compile_on:
+        from fasthpa.runtime import enable_tf32
+
+        self.opts = opts
+        self.device = resolve_device(opts.device)
+        if self.device.type == "cuda":  # the trainer's settings, so the figures match a real run
+            torch.backends.cudnn.benchmark = True
+            enable_tf32()
+        self.in_channels = CHANNEL_SETS[opts.channels]
+        self.batch = opts.ladder_batch or (64 if self.device.type == "cuda" else 8)
+        self.compile_on = opts.compile != "off"
+        # the sweep compiles only where the trainer's default does (CUDA) and --sweep-compile
+        # static asks for it: then each batch size is a cold compile (Dynamo reset in between)
+        self.sweep_cfg = default_config(
+            self.device.type, self.compile_on and opts.sweep_compile == "static"
+        )
+        self.notes = list(opts.notes) + _notes(self)
+        self.load = os.getloadavg() if hasattr(os, "getloadavg") else None
+        self.ladder_rows: list[dict] = []
+        self.sweep_rows: list[dict] = []
+        self.peaks: dict[str, dict] = {}
+        self.flops_per_image = 0.0
+        self.data_desc: str | None = None
+        self.files = None
+        if opts.save:
+            self.files = ResultFiles("throughput", self.device, opts.out)
+
+    @property
+    def sweep_compile(self) -> str:
+        if self.sweep_cfg.compile:
+            return "static: torch._dynamo.reset() and a fresh torch.compile(dynamic=False) per size"
+        why = "--compile off" if not self.compile_on else "--sweep-compile off"
+        if self.device.type != "cuda":
+            why = "the CPU default config does not compile"
+        return f"off (eager; {why})"
+
+    def mfu(self, cfg: StepConfig, images_per_s: float) -> float:
+        peak = self.peaks["bfloat16" if cfg.amp else "float32"]["flops_per_s"]
+        return self.flops_per_image * images_per_s / peak
+
+    def measure_peaks_and_flops(self) -> None:
+        """The matmul peaks (MFU denominators), measured first on the idle device, and the
+        training FLOPs per image (eager model, batch 2: train-mode BatchNorm needs > 1)."""
+        import torch
+
+        device, opts = self.device, self.opts
+        mm_n = opts.matmul_n or (8192 if device.type == "cuda" else (1024 if opts.quick else 2048))
+        for dtype in (torch.float32, torch.bfloat16):
+            self.peaks[str(dtype).replace("torch.", "")] = matmul_peak(
+                device, dtype, mm_n, repeats=opts.repeats
+            )
+        counter = TrainStep(
+            StepConfig("count", False, False, False, False), opts.arch, self.in_channels, device
+        )
+        x2, y2 = random_batch(2, self.in_channels, opts.image_size, device, torch.float32, False)
+        self.flops_per_image = count_train_flops(counter.raw_model, x2, y2, counter.loss_fn) / 2
+        del counter, x2, y2
+        free_memory(device)
+
+    def rung(self, cfg: StepConfig, step: TrainStep, root: Path | None, stats) -> None:
+        """Measure one ladder rung (model only, then end to end) and record its row."""
+        row: dict[str, Any] = {
+            "section": "ladder",
+            "step": cfg.name,
+            "batch": self.batch,
+            "channels_last": cfg.channels_last,
+            "amp": "bf16" if cfg.amp else "off",
+            "compile": cfg.compile,
+            "fused_loss": cfg.fused_loss,
+        }
+        row |= measure_model_only(step, self.batch, self.opts, self.in_channels)
+        row["mfu"] = self.mfu(cfg, row["images_per_s"])
+        if root is not None:
+            loader = _e2e_loader(root, step, self.batch, self.opts, stats)
+            row["loader"] = loader.backend
+            row |= measure_end_to_end(step, loader, self.opts)
+            del loader
+        self.ladder_rows.append(row)
+        base = self.ladder_rows[0]  # the first rung: fp32 eager
+        row["speedup"] = row["images_per_s"] / base["images_per_s"]
+        if "e2e_images_per_s" in row:
+            row["e2e_speedup"] = row["e2e_images_per_s"] / base["e2e_images_per_s"]
+        e2e = f", e2e {row['e2e_images_per_s']:.0f} img/s" if "e2e_images_per_s" in row else ""
+        first = f"first step {row['first_step_s']:.1f} s"
+        print(f"ladder {cfg.name}: {row['images_per_s']:.0f} img/s{e2e}, {first}", flush=True)
+        self.save(complete=False)
+
+    def ladder(self, cfgs: list[StepConfig], root: Path | None, stats) -> None:
+        """The rungs in order; a rung that only swaps the loss keeps the previous rung's model
+        (and so its compiled code: no second compile of the same graph)."""
+        step: TrainStep | None = None
+        for cfg in cfgs:
+            if step is not None and _same_model(step.cfg, cfg):
+                step = step.with_loss_of(cfg)
+            else:
+                step = None
+                free_memory(self.device)
+                step = TrainStep(cfg, self.opts.arch, self.in_channels, self.device, self.opts.seed)
+            self.rung(cfg, step, root, stats)
+        step = None
+        free_memory(self.device)
+
+    def sweep(self) -> None:
+        """The batch-size sweep of the trainer's default config; a fresh model per size."""
+        import torch
+
+        cfg, device, opts = self.sweep_cfg, self.device, self.opts
+        held: dict[str, TrainStep] = {}
+
+        def release() -> None:
+            held.clear()
+            free_memory(device)
+
+        def measure(b: int) -> dict:
+            release()
+            if cfg.compile:  # forget every compiled graph: this size compiles cold and static
+                torch._dynamo.reset()
+            held["step"] = TrainStep(cfg, opts.arch, self.in_channels, device, opts.seed)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            r = measure_model_only(held["step"], b, opts, self.in_channels)
+            r["peak_mem_gib"] = peak_memory_gib(device)
+            r["mfu"] = self.mfu(cfg, r["images_per_s"])
+            return r
+
+        def on_row(row: dict) -> None:
+            row |= {"section": "sweep", "config": cfg.name, "sweep_compile": self.sweep_compile}
+            self.sweep_rows.append(row)
+            add_efficiency(self.sweep_rows)
+            shown = "out of memory" if row["oom"] else f"{row['images_per_s']:.0f} img/s"
+            print(f"sweep batch {row['batch']}: {shown}", flush=True)
+            self.save(complete=False)
+
+        sizes = opts.batch_sizes
+        if sizes is None and device.type != "cuda":
+            sizes = [8, 16]
+        sweep_batches(measure, sizes, max_batch=opts.max_batch, on_oom=release, on_row=on_row)
+        release()
+
+    def result(self) -> dict[str, Any]:
+        from fasthpa.envinfo import device_name
+
+        mm_n = next(iter(self.peaks.values()))["n"] if self.peaks else None
+        notes = list(self.notes)
+        if any(r.get("mfu", 0) > 1 for r in self.ladder_rows + self.sweep_rows):
+            notes.append(
+                f"MFU above 100%: the {mm_n} x {mm_n} matmul did not reach this device's peak, "
+                "so MFU is overstated here; pass a larger --matmul-n."
+            )
+        opts = self.opts
+        return {
+            "device": device_name(self.device),
+            "device_type": self.device.type,
+            "arch": opts.arch,
+            "image_size": opts.image_size,
+            "channels": opts.channels,
+            "ladder": self.ladder_rows,
+            "sweep": self.sweep_rows,
+            "sweep_config": self.sweep_cfg.name,
+            "sweep_compile": self.sweep_compile,
+            "peaks": self.peaks,
+            "flops_per_image": self.flops_per_image,
+            "data": self.data_desc,
+            "compile_in_ladder": self.compile_on,
+            "timing": {
+                "warmup": opts.warmup,
+                "repeats": opts.repeats,
+                "inner": opts.inner,
+                "e2e_steps": opts.e2e_steps,
+            },
+            "load_average": self.load,
+            "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "notes": notes,
+            "paths": [],
+        }
+
+    def save(self, complete: bool) -> list[str]:
+        """Rewrite the result files (atomically) with every row so far."""
+        if self.files is None or not self.peaks:
+            return []
+        result = self.result()
+        extra = {k: v for k, v in result.items() if k not in ("ladder", "sweep", "paths")}
+        extra["options"] = {k: v for k, v in dataclasses.asdict(self.opts).items() if k != "notes"}
+        rows = self.ladder_rows + self.sweep_rows
+        paths = self.files.write(rows, markdown_report(result), extra=extra, complete=complete)
+        return [str(p) for p in paths]
+
+
+def _same_model(a: StepConfig, b: StepConfig) -> bool:
+    """Whether two rungs differ in the loss alone (so they can share one model)."""
+    return dataclasses.replace(a, name="", fused_loss=False) == dataclasses.replace(
+        b, name="", fused_loss=False
+    )
+
+
+def _notes(run: _Run) -> list[str]:
+    notes = []
+    if not run.compile_on:
         notes.append("torch.compile rung skipped: --compile off.")
     else:
         notes.append(
             "compile rung's first step: inductor's on-disk cache may already hold this graph from "
             "an earlier run (then it is short); TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 times a cold "
-            "compile. The fused-loss rung reuses the compiled model code."
+            "compile. The fused-loss rung keeps the compile rung's model and compiled code (the "
+            "loss runs outside the compiled model), so its first step compiles nothing."
         )
-    if device.type == "cpu":
+    notes.append(f"sweep compile: {run.sweep_compile}.")
+    if run.device.type == "cpu":
         notes.append(
             "fused loss on CPU: fasthpa.kernels runs its PyTorch twin (Triton only on CUDA), so "
             "no gain is expected from that rung here."
@@ -496,139 +704,39 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
             "AMP on CPU: `fasthpa train` leaves AMP off on CPU by default (--amp auto); the bf16 "
             "rung shows what --amp bf16 gives on this CPU (many CPUs without bf16 units lose)."
         )
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return notes
 
-    # ---- the matmul peaks (MFU denominators), measured first on the idle device
-    mm_n = opts.matmul_n or (8192 if device.type == "cuda" else (1024 if opts.quick else 2048))
-    peaks = {
-        "float32": matmul_peak(device, torch.float32, mm_n, repeats=opts.repeats),
-        "bfloat16": matmul_peak(device, torch.bfloat16, mm_n, repeats=opts.repeats),
-    }
 
-    # ---- FLOPs per training image (eager model, batch 2: train-mode BatchNorm needs > 1)
-    counter = TrainStep(
-        StepConfig("count", False, False, False, False), opts.arch, in_channels, device
-    )
-    x2, y2 = random_batch(2, in_channels, opts.image_size, device, torch.float32, False)
-    flops_per_image = count_train_flops(counter.raw_model, x2, y2, counter.loss_fn) / 2
-    del counter, x2, y2
-    free_memory(device)
+def run_benchmark(opts: Options) -> dict[str, Any]:
+    """Measure the ladder and the sweep; print the tables; write the result files (if
+    ``opts.save``). Returns {"ladder", "sweep", "peaks", "flops_per_image", "paths", ...}.
 
-    def mfu(cfg: StepConfig, images_per_s: float) -> float:
-        peak = peaks["bfloat16" if cfg.amp else "float32"]["flops_per_s"]
-        return flops_per_image * images_per_s / peak
+    The ladder comes first (its compile rung is the figure that matters most), then the sweep;
+    the result files are rewritten after every rung and batch size, so a run stopped at a time
+    limit keeps every figure it measured."""
+    from fasthpa.data.stats import ChannelStats
 
+    run = _Run(opts)
+    run.measure_peaks_and_flops()
+    run.save(complete=False)
     work = Path(tempfile.mkdtemp(prefix="fasthpa_throughput_"))
-    data_desc = None
     try:
         root = None
         if not opts.skip_e2e:
             if opts.data:
-                root, data_desc = Path(opts.data), f"dataset {opts.data}"
+                root, run.data_desc = Path(opts.data), f"dataset {opts.data}"
             else:
-                root, data_desc = _synthetic_data(opts, batch, work)
+                root, run.data_desc = _synthetic_data(opts, run.batch, work)
         # throughput does not depend on the statistics' values: use the reference ones
         stats = ChannelStats((0.0807, 0.0526, 0.0549, 0.0828), (0.1370, 0.1015, 0.1531, 0.1381))
-
-        # ---- the ladder
-        ladder_rows: list[dict] = []
-        sweep_cfg = default_config(device.type, compile_on)
-        sweep_step = None
-        for cfg in ladder(compile_on):
-            step = TrainStep(cfg, opts.arch, in_channels, device, opts.seed)
-            row: dict[str, Any] = {
-                "section": "ladder",
-                "step": cfg.name,
-                "batch": batch,
-                "channels_last": cfg.channels_last,
-                "amp": "bf16" if cfg.amp else "off",
-                "compile": cfg.compile,
-                "fused_loss": cfg.fused_loss,
-            }
-            row |= measure_model_only(step, batch, opts, in_channels)
-            row["mfu"] = mfu(cfg, row["images_per_s"])
-            if root is not None:
-                loader = _e2e_loader(root, step, batch, opts, stats)
-                row["loader"] = loader.backend
-                row |= measure_end_to_end(step, loader, opts)
-                del loader
-            ladder_rows.append(row)
-            if dataclasses.astuple(cfg)[1:] == dataclasses.astuple(sweep_cfg)[1:]:
-                sweep_step = step  # the sweep reuses this model (and its compiled code)
-            del step
-            free_memory(device)
-        base = ladder_rows[0]
-        for r in ladder_rows:
-            r["speedup"] = r["images_per_s"] / base["images_per_s"]
-            if "e2e_images_per_s" in r:
-                r["e2e_speedup"] = r["e2e_images_per_s"] / base["e2e_images_per_s"]
-
-        # ---- the batch-size sweep with the trainer's default configuration
-        if sweep_step is None:
-            sweep_step = TrainStep(sweep_cfg, opts.arch, in_channels, device, opts.seed)
-
-        def measure(b: int) -> dict:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            r = measure_model_only(sweep_step, b, opts, in_channels)
-            r["peak_mem_gib"] = peak_memory_gib(device)
-            r["mfu"] = mfu(sweep_cfg, r["images_per_s"])
-            return r
-
-        sizes = opts.batch_sizes
-        if sizes is None and device.type != "cuda":
-            sizes = [8, 16]
-        sweep_rows = sweep_batches(
-            measure,
-            sizes,
-            max_batch=opts.max_batch,
-            on_oom=lambda: (sweep_step.optimizer.zero_grad(set_to_none=True), free_memory(device)),
-        )
-        add_efficiency(sweep_rows)
-        for r in sweep_rows:
-            r["section"] = "sweep"
-            r["config"] = sweep_cfg.name
-        free_memory(device)
+        run.ladder(ladder(run.compile_on), root, stats)
+        run.sweep()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    if any(r.get("mfu", 0) > 1 for r in ladder_rows + sweep_rows):
-        notes.append(
-            f"MFU above 100%: the {mm_n} x {mm_n} matmul did not reach this device's peak, so "
-            "MFU is overstated here; pass a larger --matmul-n."
-        )
-    result = {
-        "device": device_name(device),
-        "device_type": device.type,
-        "arch": opts.arch,
-        "image_size": opts.image_size,
-        "channels": opts.channels,
-        "ladder": ladder_rows,
-        "sweep": sweep_rows,
-        "peaks": peaks,
-        "flops_per_image": flops_per_image,
-        "data": data_desc,
-        "compile_in_ladder": compile_on,
-        "timing": {
-            "warmup": opts.warmup,
-            "repeats": opts.repeats,
-            "inner": opts.inner,
-            "e2e_steps": opts.e2e_steps,
-        },
-        "load_average": load,
-        "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "notes": notes,
-        "paths": [],
-    }
+    result = run.result()
     print_tables(result)
-    if opts.save:
-        md = markdown_report(result)
-        extra = {k: v for k, v in result.items() if k not in ("ladder", "sweep", "paths")}
-        extra["options"] = {k: v for k, v in dataclasses.asdict(opts).items() if k != "notes"}
-        paths = write_results(
-            "throughput", device, ladder_rows + sweep_rows, md, extra=extra, out_dir=opts.out
-        )
-        result["paths"] = [str(p) for p in paths]
+    result["paths"] = run.save(complete=True)
+    if result["paths"]:
         print("wrote", *result["paths"])
     return result
 
@@ -700,7 +808,9 @@ def print_tables(result: dict) -> None:
     for r in result["ladder"]:
         t.add_row(*(_fmt(k, r.get(k)) for k, _ in LADDER_COLUMNS))
     console.print(t)
-    s = Table(title=f"batch-size sweep: {result['sweep'][0]['config'] if result['sweep'] else ''}")
+    s = Table(
+        title=f"batch-size sweep: {result['sweep_config']}; compile {result['sweep_compile']}"
+    )
     for _, title in SWEEP_COLUMNS:
         s.add_column(title, justify="right")
     for r in result["sweep"]:
@@ -741,7 +851,7 @@ def markdown_report(result: dict) -> str:
         f"End-to-end data: {result['data'] or 'skipped'}.\n",
         "## Ladder\n",
         _md_table(result["ladder"], LADDER_COLUMNS) + "\n",
-        f"## Batch-size sweep ({result['sweep'][0]['config'] if result['sweep'] else '-'})\n",
+        f"## Batch-size sweep ({result['sweep_config']}; compile {result['sweep_compile']})\n",
         _md_table(result["sweep"], SWEEP_COLUMNS) + "\n",
         "MFU = training FLOPs per image (torch.utils.flop_counter, forward + backward, "
         f"{result['flops_per_image'] / 1e9:.4g} GFLOP) x images/sec / matmul peak measured in "
@@ -773,7 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--arch", default="resnet18", choices=fasthpa.config.ARCHS)
+    p.add_argument("--arch", default="resnet18", choices=ARCHS)
     p.add_argument("--image-size", type=int, default=None, help="default 512 (64 with --quick)")
     p.add_argument("--channels", default="rgby", choices=("rgby", "rgb"))
     p.add_argument(
@@ -791,6 +901,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner", type=int, default=None, help="steps per model-only repeat")
     p.add_argument("--e2e-steps", type=int, default=None, help="steps per end-to-end repeat")
     p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES, help="compile rung")
+    p.add_argument(
+        "--sweep-compile",
+        default="static",
+        choices=SWEEP_COMPILE_CHOICES,
+        help="CUDA sweep: static (Dynamo reset + fresh dynamic=False compile per size: one cold "
+        "compile each) or off (eager)",
+    )
     p.add_argument("--skip-e2e", action="store_true", help="model-only figures")
     p.add_argument("--data", default=None, help="Kaggle-layout root (default: synthetic)")
     p.add_argument("--synth-n", type=int, default=None, help="synthetic samples to generate")
@@ -820,6 +937,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
         inner=a.inner or 1,
         e2e_steps=a.e2e_steps or (2 if q else 10),
         compile=a.compile,
+        sweep_compile=a.sweep_compile,
         skip_e2e=a.skip_e2e,
         data=a.data,
         synth_n=a.synth_n or (32 if q else None),

@@ -147,19 +147,24 @@ def wrap_model(
     sync_bn: bool = False,
     compile: bool = False,
     compile_mode: str = "default",
+    dynamic: bool | None = None,
 ) -> nn.Module:
     """SyncBatchNorm (CUDA under DDP), torch.compile, then DistributedDataParallel around the
     compiled module. In that order DDP's forward runs the compiled graph inside its active
     context, so DDPOptimizer splits it at bucket boundaries (communication overlaps the
     backward); compiling the DDP wrapper instead compiles nothing on PyTorch 2.14 (the outer
     forward is skipped by Dynamo and the model runs eagerly; tests/test_runtime.py checks
-    this order). Keep ``model`` itself for checkpoints: its keys are plain, the wrappers' are
+    this order). ``dynamic``: torch.compile's (False: one static graph per input shape, as a
+    fixed-batch benchmark wants). Keep ``model`` itself for checkpoints: its keys are plain, the wrappers' are
     not."""
     assert compile_mode in COMPILE_MODES, compile_mode
     if sync_bn and ddp and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if compile:
-        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+        kw: dict[str, Any] = {} if compile_mode == "default" else {"mode": compile_mode}
+        if dynamic is not None:
+            kw["dynamic"] = dynamic
+        model = torch.compile(model, **kw)
     if ddp:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)

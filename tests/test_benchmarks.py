@@ -1,9 +1,12 @@
 """The benchmark machinery: FLOP counting against the analytic count, the OOM step-back sweep,
-a tiny throughput run (rows and result files), the LR rules and trainer commands of
-batch_f1.py, the seed experiments' --quick miniature end to end, and gpu_check.sh --dry-run."""
+a tiny throughput run (rows and result files, written as it goes), the sweep's static compile
+per batch size, the capped threshold baselines, the LR rules and trainer commands of
+batch_f1.py, and the seed experiments' --quick miniature end to end. (gpu_check.sh has
+test_gpu_check.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import `common` as a sibling
 
 import batch_f1  # noqa: E402
+import thresholds  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -80,13 +84,25 @@ def test_listed_sweep_stops_at_first_oom_and_other_errors_propagate():
         throughput.sweep_batches(broken, [8])
 
 
-def test_tiny_throughput_run_rows_and_result_files(tmp_path):
-    opts = throughput.Options(
-        device="cpu", image_size=32, ladder_batch=2, batch_sizes=[2, 4], warmup=0, repeats=1,
-        e2e_steps=1, compile="off", synth_n=8, workers=0, loader="torch", matmul_n=256,
-        out=str(tmp_path), quick=True,
-    )  # fmt: skip
-    result = throughput.run_benchmark(opts)
+def _tiny_options(tmp_path, **kw) -> throughput.Options:
+    base = dict(device="cpu", image_size=32, ladder_batch=2, batch_sizes=[2, 4], quick=True)
+    base |= dict(warmup=0, repeats=1, e2e_steps=1, compile="off", synth_n=8, workers=0)
+    base |= dict(loader="torch", matmul_n=256, out=str(tmp_path))
+    return throughput.Options(**(base | kw))
+
+
+def test_tiny_throughput_run_rows_and_result_files(tmp_path, monkeypatch):
+    writes: list[tuple[int, bool]] = []  # (rows, complete) of each rewrite of the result files
+    original_write = throughput.ResultFiles.write
+
+    def spy(self, rows, markdown, extra=None, complete=True):
+        writes.append((len(rows), complete))
+        return original_write(self, rows, markdown, extra, complete)
+
+    monkeypatch.setattr(throughput.ResultFiles, "write", spy)
+    result = throughput.run_benchmark(_tiny_options(tmp_path))
+    # a killed run keeps what it measured: the files are rewritten after every rung and size
+    assert writes == [(n, False) for n in range(7)] + [(6, True)]
 
     ladder = result["ladder"]
     assert [r["step"] for r in ladder] == [c.name for c in throughput.ladder(False)]
@@ -122,6 +138,87 @@ def test_tiny_throughput_run_rows_and_result_files(tmp_path):
     assert payload["peaks"]["float32"]["n"] == 256
     md = md_path.read_text()
     assert "## Ladder" in md and "## Batch-size sweep" in md and torch.__version__ in md
+
+
+def test_sweep_compiles_each_batch_size_statically_with_a_fresh_model(tmp_path, monkeypatch):
+    """Each size: Dynamo reset, a new model compiled for it, its row written at once (the third
+    size fails here, as a time limit would stop it)."""
+    events: list[str] = []
+    built: list[object] = []
+
+    class FakeStep:
+        def __init__(self, cfg, arch, in_channels, device, seed=0):
+            events.append(f"build compile={cfg.compile}")
+            built.append(self)
+
+    def fake_measure(step, batch, opts, channels):
+        assert step is built[-1]  # each size measures the model built for it
+        if batch == 8:
+            raise RuntimeError("stopped at the time limit")
+        events.append(f"measure {batch}")
+        return {"images_per_s": float(batch), "first_step_s": 1.0}
+
+    monkeypatch.setattr(throughput, "TrainStep", FakeStep)
+    monkeypatch.setattr(throughput, "measure_model_only", fake_measure)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append("dynamo reset"))
+    run = throughput._Run(_tiny_options(tmp_path, batch_sizes=[2, 4, 8]))
+    run.sweep_cfg = throughput.StepConfig("compiled", True, True, True, True)
+    peak = {"flops_per_s": 1.0, "n": 1, "spread": 0.0}
+    run.peaks = {"bfloat16": peak, "float32": peak}
+    with pytest.raises(RuntimeError, match="time limit"):
+        run.sweep()
+    one_size = ["dynamo reset", "build compile=True"]
+    assert events == [*one_size, "measure 2", *one_size, "measure 4", *one_size]
+    assert len({id(s) for s in built}) == 3
+    (json_path,) = tmp_path.glob("throughput_*.json")
+    payload = json.loads(json_path.read_text())
+    assert payload["complete"] is False and [r["batch"] for r in payload["rows"]] == [2, 4]
+    assert all(r["sweep_compile"].startswith("static") for r in payload["rows"])
+    assert payload["sweep_compile"].startswith("static")
+
+
+def test_train_step_compiles_statically_and_a_loss_swap_keeps_the_model(monkeypatch):
+    seen = {}
+
+    def fake_compile(model, **kwargs):
+        seen.update(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = throughput.StepConfig("+ torch.compile", True, True, True, False)
+    step = throughput.TrainStep(cfg, "resnet18", 4, torch.device("cpu"))
+    assert seen == {"dynamic": False}
+    fused = step.with_loss_of(dataclasses.replace(cfg, name="+ fused loss", fused_loss=True))
+    assert fused.model is step.model and fused.optimizer is step.optimizer
+    assert fused.cfg.fused_loss and fused.loss_fn is not step.loss_fn
+    with pytest.raises(ValueError, match="needs another model"):
+        step.with_loss_of(dataclasses.replace(cfg, amp=False))
+
+
+def test_threshold_baselines_above_the_cap_are_timed_on_a_subsample_and_scaled(
+    tmp_path, monkeypatch
+):
+    writes: list[tuple[int, bool]] = []
+    original_write = thresholds.ResultFiles.write
+
+    def spy(self, rows, markdown, extra=None, complete=True):
+        writes.append((len(rows), complete))
+        return original_write(self, rows, markdown, extra, complete)
+
+    monkeypatch.setattr(thresholds.ResultFiles, "write", spy)
+    argv = ["--sizes", "300", "900", "--baseline-max-n", "450", "--devices", "cpu"]
+    thresholds.main([*argv, "--repeats", "1", "--budget-s", "0.01", "--out-dir", str(tmp_path)])
+    # per N: 2 baselines + 4 fasthpa rows on the CPU, each written as it is measured
+    assert writes == [(n, False) for n in range(1, 13)] + [(12, True)]
+    (json_path,) = tmp_path.glob("thresholds_*.json")
+    payload = json.loads(json_path.read_text())
+    assert payload["complete"] is True and payload["baseline_max_n"] == 450
+    base = {(r["n"], r["method"]): r for r in payload["rows"] if "timed_n" in r}
+    assert set(base) == {(n, m) for n in (300, 900) for m in ("sklearn loop", "python grid")}
+    assert base[(300, "python grid")]["timed_n"] == 300
+    assert base[(900, "python grid")]["timed_n"] == 450
+    md = json_path.with_suffix(".md").read_text()
+    assert "timed on the first 450 rows" in md and "450 (scaled)" in md
 
 
 @pytest.mark.parametrize(
@@ -207,26 +304,3 @@ def test_seed_experiments_quick_assembles_every_experiment_with_numbers(tmp_path
         assert heading in md
     assert all(f"| {name} |" in md for name in rows)
     assert (out / "report" / "report.md").is_file() and (out / "per_label.csv").is_file()
-
-
-def test_gpu_check_dry_run_maps_kernels_and_summarises(tmp_path):
-    out = tmp_path / "check"
-    proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out), "--dry-run", "--skip", "throughput"],
-        capture_output=True, text=True, timeout=300,
-        env=os.environ | {"PYTHON": sys.executable},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    # the shim alone (installed copies hidden) maps fasthpa.kernels to this checkout
-    assert (
-        f"fasthpa.kernels -> {REPO / 'kernels' / '__init__.py'}" in (out / "import.log").read_text()
-    )
-    summary = (out / "summary.md").read_text()
-    for step in ("env", "import", "pytest", "losses", "thresholds", "loader"):
-        assert f"| {step} | ok |" in summary, summary
-    assert "| throughput | skipped (--skip) |" in summary
-    assert "tests collected" in summary
-    last = proc.stdout.strip().splitlines()
-    assert last[-1].startswith("total ") and any(line.startswith("step ") for line in last[-10:])
-    # the shim's folder is temporary: nothing but logs and results is left behind
-    assert not list(out.glob("sitecustomize*"))
