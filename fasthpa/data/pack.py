@@ -152,7 +152,10 @@ def parse_lz4(path: str | os.PathLike, data: bytes) -> Lz4Header:
         raise _lz4_corrupt(path, f"truncated: {len(data)} bytes")
     sizes = struct.unpack_from(f"<{n}I", data, pre + _LZ4_FIELDS.size)
     if len(data) != offset + sum(sizes):
-        raise _lz4_corrupt(path, f"{len(data)} bytes where the header says {offset + sum(sizes)}")
+        what = "truncated" if len(data) < offset + sum(sizes) else "trailing bytes"
+        raise _lz4_corrupt(
+            path, f"{what}: {len(data)} bytes where the header says {offset + sum(sizes)}"
+        )
     if zlib.crc32(memoryview(data)[pre:]) != crc:
         raise _lz4_corrupt(path, "checksum mismatch")
     return Lz4Header(LZ4_LAYOUTS[layout], c, h, w, tuple(sizes), offset)

@@ -16,7 +16,8 @@ and every process of the node memory-maps that file; later runs with the same ke
 - Who decodes: a process whose ``LOCAL_RANK`` is 0 (or unset) creates ``DIR/<key>.lock``
   exclusively (``O_CREAT | O_EXCL``, holding ``host pid``); the winner decodes into a temporary
   file and renames it into place (atomic), the others poll until the file appears. A decoder
-  that fails writes its one-line error to ``DIR/<key>.error``, which the waiters raise; a lock
+  that fails writes its one-line error to ``DIR/<key>.error``, which the waiters raise (one
+  from before they began waiting only once no decoder has appeared for 30 s); a lock
   whose process is gone (same host) is taken over; a waiter gives up after
   ``$FASTHPA_RESIDENT_TIMEOUT`` seconds (default 3600) with an error naming the lock file.
 
@@ -51,6 +52,9 @@ DIR_ENV = "FASTHPA_RESIDENT_DIR"
 TIMEOUT_ENV = "FASTHPA_RESIDENT_TIMEOUT"
 _KEY_VERSION = 1
 _POLL_S = 0.2
+_GRACE_S = 30.0
+"""an error left by a decoder before this process began waiting counts once no process has
+held the lock for this long (a new decoder takes it within seconds of its start)"""
 GIB = 1 << 30
 
 
@@ -293,7 +297,10 @@ def decoded_rows(
             finally:
                 lock.unlink(missing_ok=True)
             break
-        if failed.exists() and failed.stat().st_mtime >= started:
+        if failed.exists() and (
+            failed.stat().st_mtime >= started
+            or (not lock.exists() and time.time() - started > _GRACE_S)
+        ):
             raise UserError(failed.read_text().strip())
         if may_decode and _lock_is_stale(lock):
             lock.unlink(missing_ok=True)
