@@ -1,9 +1,12 @@
 """Input pipeline throughput: samples/s of each backend x layout, at each image size.
 
-Backends: the PyTorch twin (``torch``) and DALI (``dali-cpu`` / ``dali-gpu``, where installed).
-Layouts: ``kaggle`` (4 stain PNGs per sample), ``packed`` (one RGBA PNG, ``fasthpa pack``) and
+Backends: the PyTorch twin (``torch``), DALI (``dali-cpu`` / ``dali-gpu``, where installed) and
+the resident store (``resident``: the split decoded once, then each batch a gather; measured on
+the ``kaggle`` layout it decodes from, its one-time decode reported as ``setup_s``).
+Layouts: ``kaggle`` (4 stain PNGs per sample), ``packed`` (one RGBA PNG, ``fasthpa pack``),
 ``npy`` (the decoded cache, ``fasthpa pack --format npy --size S``, written at the size it is
-read at). Each cell runs the real training loader (train mode: shuffle, default flips,
+read at) and ``lz4`` (the same pixels LZ4-compressed, ``--format lz4 --size S``; where the lz4
+package is installed). The on-disk bytes of each layout are recorded too. Each cell runs the real training loader (train mode: shuffle, default flips,
 normalise, batches on the device in the training dtype) over a synthetic dataset it writes with
 ``fasthpa.data.synth`` (``--data random`` for noise PNGs, which compress badly and decode
 slower than real stains; ``--data DIR`` for an existing Kaggle-layout folder). One epoch warms
@@ -11,9 +14,16 @@ up (worker start, pipeline build), then ``--repeats`` epochs are timed, each end
 device synchronise; the table gives the median and spread and, per size, each row's speed
 relative to the PyTorch twin reading the 4-file layout, all measured in the same run.
 
+Headroom: ``--model-arch resnet18`` also times the model-only training step
+(``benchmarks/throughput.py``'s, inputs already on the device, the trainer's default settings for
+the device) at each size and the same batch, or ``--model-result FILE`` takes it from a
+throughput result JSON of the same device and size; each row then gets ``headroom`` = its
+samples/s over the model's images/s (above 1: the loader outruns the model).
+
     python benchmarks/loader.py --quick                      # 64 samples, a few minutes on 2 cores
     python benchmarks/loader.py --device cuda --threads 16 --n 2048 --sizes 512,256
     python benchmarks/loader.py --data /data/hpa --n 4096    # real images
+    python benchmarks/loader.py --sizes 512 --n 64 --threads 2 --model-arch resnet18
 
 ``measure(...)`` returns the rows for other scripts (``benchmarks/throughput.py``).
 """
@@ -21,6 +31,7 @@ relative to the PyTorch twin reading the 4-file layout, all measured in the same
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import sys
@@ -31,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from common import ROOT, markdown_table, synchronize, time_fn, write_results
 
-LAYOUTS = ("kaggle", "packed", "npy")
+LAYOUTS = ("kaggle", "packed", "npy") + (("lz4",) if importlib.util.find_spec("lz4") else ())
 
 
 def make_dataset(out: Path, data: str, n: int, size: int, workers: int) -> str:
@@ -53,16 +64,31 @@ def make_dataset(out: Path, data: str, n: int, size: int, workers: int) -> str:
 
 
 def packs(root: Path, work: Path, sizes: list[int], stored: int, workers: int) -> dict:
-    """The packed RGBA folder and one npy cache per size (written at that size)."""
+    """The packed RGBA folder and one npy cache (and LZ4 pack) per size (written at that size)."""
     from fasthpa.data.pack import pack_dataset
 
     out = {"packed": work / "packed_png"}
     pack_dataset(root, out["packed"], fmt="png", workers=workers, progress=False)
     for s in sizes:
-        out[("npy", s)] = work / f"npy_{s}"
-        pack_dataset(root, out[("npy", s)], fmt="npy", size=None if s == stored else s,
-                     workers=workers, progress=False)  # fmt: skip
+        for fmt in [f for f in LAYOUTS if f in ("npy", "lz4")]:
+            out[(fmt, s)] = work / f"{fmt}_{s}"
+            pack_dataset(root, out[(fmt, s)], fmt=fmt, size=None if s == stored else s,
+                         workers=workers, progress=False)  # fmt: skip
     return out
+
+
+def disk_bytes(root: Path, pack_dirs: dict, n: int) -> dict[str, int]:
+    """On-disk bytes per sample of each layout (the 4 stain PNGs; each pack's files)."""
+
+    def folder(path: Path, pattern: str) -> int:
+        return sum(f.stat().st_size for f in path.glob(pattern))
+
+    sizes = {"kaggle": folder(root / "train", "*.png") // n, "packed": 0}
+    sizes["packed"] = folder(pack_dirs["packed"], "*.png") // n
+    for key, path in pack_dirs.items():
+        if isinstance(key, tuple):
+            sizes[f"{key[0]}_{key[1]}"] = folder(path, f"*.{key[0]}") // n
+    return sizes
 
 
 def measure(
@@ -90,19 +116,19 @@ def measure(
     rows = []
     for size in sizes:
         for layout in LAYOUTS:
-            packed = {
-                "kaggle": None,
-                "packed": pack_dirs["packed"],
-                "npy": pack_dirs[("npy", size)],
-            }
+            packed = {"kaggle": None, "packed": pack_dirs["packed"]}
+            packed.update({f: pack_dirs.get((f, size)) for f in ("npy", "lz4")})
             source = open_source(root, "train", packed[layout])
             indices = np.arange(min(n, len(source.ids)))
             for backend in backends:
+                if backend == "resident" and layout != "kaggle":
+                    continue  # decoded once: the layout it decodes from is only setup time
+                t_setup = time.perf_counter()
                 loader = build_loader(
                     source, indices, train=True, batch_size=batch_size, image_size=size,
-                    stats=stats, device=dev, dtype=dtype, workers=threads,
-                    backend="dali" if backend == "dali" else "torch",
+                    stats=stats, device=dev, dtype=dtype, workers=threads, backend=backend,
                 )  # fmt: skip
+                t_setup = time.perf_counter() - t_setup
                 epoch = [0]
 
                 def one_epoch(loader=loader, epoch=epoch) -> None:
@@ -120,7 +146,8 @@ def measure(
                     "samples_per_s": samples / timing["median_s"],
                     "epoch_s": timing["median_s"], "spread": timing["spread"],
                     "samples": samples, "batch": batch_size, "threads": threads,
-                    "wall_s": time.perf_counter() - t0,
+                    "wall_s": time.perf_counter() - t0, "setup_s": t_setup,
+                    "placement": loader.placement.get("where"),
                 })  # fmt: skip
                 print(f"  {size:4d} px {layout:7s} {loader.backend:9s} "
                       f"{rows[-1]['samples_per_s']:9.1f} samples/s", flush=True)  # fmt: skip
@@ -137,6 +164,58 @@ def measure(
     return rows
 
 
+def model_images_per_s(args, device: str, sizes: list[int]) -> dict[int, dict]:
+    """Model-only training images/s per size at ``args.batch_size``: measured here
+    (``--model-arch``) or read from a throughput JSON (``--model-result``)."""
+    import json
+
+    if args.model_result is not None:
+        result = json.loads(Path(args.model_result).read_text())
+        rows = [r for r in result["rows"] if r.get("section") == "sweep" and not r.get("oom")]
+        match = [r for r in rows if r["batch"] == args.batch_size]
+        if not match:
+            sys.exit(f"error: {args.model_result}: no sweep row at batch {args.batch_size}")
+        figure = {
+            "images_per_s": match[0]["images_per_s"],
+            "arch": result.get("arch"),
+            "from": str(args.model_result),
+            "device": result["environment"]["device"],
+        }
+        return {result["image_size"]: figure}
+    if args.model_arch is None:
+        return {}
+    import throughput as tp
+    import torch
+
+    dev = torch.device(device)
+    cfg = tp.default_config(dev.type, compile_on=False)
+    out = {}
+    for size in sizes:
+        opts = tp.Options(device=device, arch=args.model_arch, image_size=size, warmup=1, repeats=3)
+        step = tp.TrainStep(cfg, args.model_arch, 4, dev)
+        got = tp.measure_model_only(step, args.batch_size, opts, 4)
+        out[size] = {
+            "images_per_s": got["images_per_s"],
+            "spread": got["spread"],
+            "arch": args.model_arch,
+            "step": cfg.name,
+        }
+        print(
+            f"  {size:4d} px model-only {args.model_arch} ({cfg.name}): "
+            f"{got['images_per_s']:.1f} images/s",
+            flush=True,
+        )
+        del step
+    return out
+
+
+def add_headroom(rows: list[dict], model: dict[int, dict]) -> None:
+    """headroom = loader samples/s over the model-only images/s at the same size and batch."""
+    for r in rows:
+        if r["size"] in model:
+            r["headroom"] = r["samples_per_s"] / model[r["size"]]["images_per_s"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="64 samples, 3 timed epochs")
@@ -148,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per cell")
     p.add_argument("--data", default="synth", help="synth, random, or a Kaggle-layout folder")
     p.add_argument("--stored-size", type=int, default=512, help="side of the generated PNGs")
-    p.add_argument("--backends", default="torch,dali", help="torch and/or dali")
+    p.add_argument("--backends", default="torch,dali,resident", help="torch, dali, resident")
+    p.add_argument("--model-arch", default=None, help="time this model's step too (headroom)")
+    p.add_argument(
+        "--model-result", type=Path, default=None, help="or read it from a throughput JSON"
+    )
     p.add_argument("--workdir", type=Path, default=None, help="keep the generated data here")
     p.add_argument("--no-save", action="store_true", help="print only; write no result files")
     p.add_argument(
@@ -170,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     backends = [b for b in args.backends.split(",") if b != "dali" or dali_available()]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fasthpa_loader_bench_"))
+    # the resident store's decoded arrays live (and are deleted) with the generated data
+    os.environ["FASTHPA_RESIDENT_DIR"] = str(work / "resident")
     try:
         root = Path(args.data) if args.data not in ("synth", "random") else work / "data"
         t0 = time.perf_counter()
@@ -179,10 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         stored = stored_size(open_source(root))[0]
         pack_dirs = packs(root, work, sizes, stored, threads)
         print(f"data: {described}; packed in {time.perf_counter() - t0:.0f} s", flush=True)
+        on_disk = disk_bytes(root, pack_dirs, len(open_source(root).ids))
+        print("bytes per sample on disk:", on_disk, flush=True)
         load_before = os.getloadavg()
         rows = measure(root, pack_dirs, sizes=sizes, backends=backends, device=device,
                        threads=threads, n=args.n, batch_size=args.batch_size,
                        repeats=args.repeats)  # fmt: skip
+        model = model_images_per_s(args, device, sizes)
+        add_headroom(rows, model)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -193,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
              f"DALI {env['dali']}, data: {described}")  # fmt: skip
     table = Table(title=title)
     columns = ["size", "layout", "backend", "samples_per_s", "spread", "vs_torch_4file"]
+    columns += ["headroom"] if model else []
     for c in columns:
         table.add_column(c, justify="right")
     for r in rows:
@@ -206,9 +296,16 @@ def main(argv: list[str] | None = None) -> int:
               f"4-file layout at the same size, same run. 1-minute load average before/after: "
               f"{load[0]:.1f}/{load[1]:.1f} on {os.cpu_count()} cores (a shared machine reads "
               f"low and noisy; compare ratios, not absolute figures).\n\n")  # fmt: skip
-        md += markdown_table(rows, columns + ["epoch_s", "samples", "batch", "threads"])
+        more = ["epoch_s", "setup_s", "placement", "samples", "batch", "threads"]
+        md += markdown_table(rows, columns + more)
+        md += "\n\nBytes per sample on disk: " + ", ".join(f"{k} {v:,}" for k, v in on_disk.items())
+        if model:
+            md += "\n\nModel-only step (headroom denominator): " + "; ".join(
+                f"{k} px {v['images_per_s']:.1f} images/s ({v['arch']})" for k, v in model.items()
+            )
         extra = {"data": described, "load_average_before_after": load,
-                 "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
+                 "args": {k: str(v) for k, v in vars(args).items()},
+                 "disk_bytes_per_sample": on_disk, "model_only": model}  # fmt: skip
         paths = write_results("loader", device, rows, md, extra=extra, out_dir=args.out_dir)
         print("wrote", *paths)
     return 0

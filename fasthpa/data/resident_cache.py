@@ -191,6 +191,7 @@ def _spans_done(request: DecodeRequest, spans: list, tmp: Path, out: np.ndarray,
 
 def _decode(request: DecodeRequest, final: Path, processes: int, progress: bool) -> None:
     """Decode every row into a temporary file beside ``final``, then rename it into place."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     room, free = cache_room(request)
@@ -207,7 +208,11 @@ def _decode(request: DecodeRequest, final: Path, processes: int, progress: bool)
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=request.shape)
-        with Progress(*columns, disable=not progress, transient=True) as bar:
+        # a bar only on a terminal: in a log file it would leave a blank line
+        shown = progress and sys.stderr.isatty()
+        with Progress(
+            *columns, console=Console(stderr=True), disable=not shown, transient=True
+        ) as bar:
             task = bar.add_task(f"decoding {n} rows for --loader resident", total=n)
             for count in _spans_done(request, spans, tmp, out, processes):
                 bar.advance(task, count)
