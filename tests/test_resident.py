@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import os
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -184,6 +185,11 @@ def test_gather_pixels_equals_numpy_views():
         for k in range(10):
             ref = resident.sample_view(store, int(slots[k]), draws[k], crop)
             assert np.array_equal(got[k].numpy(), ref), (c, k, draws[k])
+        # the pinned-host path's host side: the same samples into a staging buffer, 2 threads
+        spec = SimpleNamespace(workers=2, stats=STATS, crop=crop)
+        staged = np.zeros_like(got.numpy())
+        resident._HostAssembler(store, spec).staged(slots, draws, staged)
+        assert np.array_equal(staged, got.numpy())
 
 
 # ---------------------------------------------------------------- where it lives, and when not
@@ -219,10 +225,12 @@ def test_fit_placement_on_a_gpu_prefers_the_gpu_then_pinned(dataset, monkeypatch
     monkeypatch.setattr(resident, "cuda_free_bytes", lambda d: (20 << 30, 80 << 30))
     where, why = resident.fit_placement(spec)
     assert where == "pinned-host" and "cuda:0 has 20.0 GiB free (20.0 kept for the model)" in why
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    monkeypatch.setattr(resident, "host_available_bytes", lambda: 8 * need)
+    monkeypatch.setenv("FASTHPA_RESIDENT_RESERVE_GB", "1")
+    assert resident.fit_placement(spec)[0] == "cuda:0"
+    monkeypatch.setattr(resident, "host_available_bytes", lambda: 2 * need)
+    monkeypatch.setattr(resident, "cuda_free_bytes", lambda d: (need, 80 << 30))
     where, why = resident.fit_placement(spec)
-    assert where is None and "per rank" in why and "--image-size" in why
+    assert where is None and "the host has 0.0 GiB to spare" in why and "--image-size" in why
 
 
 # ---------------------------------------------------------------- decode once: key, handshake

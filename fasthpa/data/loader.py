@@ -6,10 +6,10 @@ pixels come from in :mod:`fasthpa.data.source`.
 Backends (``build_loader(..., backend=)``, the ``--loader`` flag):
 
 ==========  =====================================================================================
-auto        ``resident`` when the split fits (the GPU, else pinned host memory, on a CUDA run;
-            host memory on a CPU run); otherwise streaming: DALI when installed (GPU pipeline on
-            a CUDA device, CPU pipeline otherwise), else the PyTorch twin. It says what it chose
-            and why in one line on rank 0 (stderr), also kept as ``loader.choice``.
+auto        ``resident`` when the split fits (the GPU, else host memory with pinned copies, on
+            a CUDA run; host memory on a CPU run); otherwise streaming: DALI when installed
+            (GPU pipeline on a CUDA device, CPU pipeline otherwise), else the PyTorch twin. It
+            says what it chose and why in one line on rank 0 (stderr), kept as ``loader.choice``.
 torch       the PyTorch twin (:mod:`fasthpa.data.torch_loader`), always available
 dali        DALI (:mod:`fasthpa.data.dali_loader`); a UserError if it is not installed
 cache       the decoded .npy cache (``fasthpa pack --format npy``) through DALI's numpy reader,

@@ -7,9 +7,10 @@ held as one uint8 [N, S, S, C] tensor where it fits, in this order of preference
 ==============  ================================================================================
 ``cuda:K``      on the GPU itself (free memory from ``torch.cuda.mem_get_info`` less a reserve
                 for the model: ``max(8 GiB, 25%)`` of the GPU, or ``$FASTHPA_RESIDENT_RESERVE_GB``)
-``pinned-host`` page-locked host memory on a CUDA run (MemAvailable less ``max(2 GiB, 10%)``,
-                shared by ``$LOCAL_WORLD_SIZE`` ranks); each batch is gathered on the host into
-                one of two pinned staging buffers and copied asynchronously
+``pinned-host`` host memory on a CUDA run (MemAvailable less ``max(2 GiB, 10%)``): the cache
+                file memory-mapped (one copy per node, in the page cache); each batch is
+                assembled on the host into one of two pinned staging buffers and copied to the
+                GPU asynchronously
 ``host``        a CPU run: the cache file memory-mapped (one copy per node, in the page cache)
 ==============  ================================================================================
 
@@ -79,14 +80,11 @@ def gpu_reserve_bytes(total: int) -> int:
     return max(8 * GIB, total // 4)
 
 
-def host_budget_bytes(per_rank: bool) -> int:
-    """Host bytes a resident store may take: MemAvailable less a margin, and split between the
-    node's ranks when each holds its own copy (pinned)."""
+def host_budget_bytes() -> int:
+    """Host bytes a resident store may take: MemAvailable less a margin (the store is the
+    memory-mapped cache file, one copy per node whatever the number of ranks)."""
     avail = host_available_bytes()
-    budget = avail - max(2 * GIB, avail // 10)
-    if per_rank:
-        budget //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(0, budget)
+    return max(0, avail - max(2 * GIB, avail // 10))
 
 
 def fit_placement(spec: LoaderSpec) -> tuple[str | None, str]:
@@ -116,11 +114,11 @@ def fit_placement(spec: LoaderSpec) -> tuple[str | None, str]:
         gpu = f"{name} has {free / GIB:.1f} GiB free ({reserve / GIB:.1f} kept for the model)"
         if need <= free - reserve:
             return name, f"{what}; {gpu}"
-        host = host_budget_bytes(per_rank=True)
+        host = host_budget_bytes()
         if need <= host:
-            return "pinned-host", f"{what}; {gpu}, pinned host memory has {host / GIB:.1f} GiB"
-        return None, f"{what}; {gpu} and the host {host / GIB:.1f} GiB per rank; {fixes}"
-    host = host_budget_bytes(per_rank=False)
+            return "pinned-host", f"{what}; {gpu}, the host has {host / GIB:.1f} GiB to spare"
+        return None, f"{what}; {gpu} and the host has {host / GIB:.1f} GiB to spare; {fixes}"
+    host = host_budget_bytes()
     if need <= host:
         return "host", f"{what}; the host has {host / GIB:.1f} GiB to spare"
     return None, f"{what} and the host has {host / GIB:.1f} GiB to spare; {fixes}"
@@ -240,15 +238,9 @@ class _HostAssembler:
         self._map(one, len(slots))
 
 
-def _place(array: np.ndarray, where: str, device: torch.device) -> torch.Tensor | None:
-    """The decoded array where the placement says: a GPU or pinned copy, or None for the host
-    (the memory map itself serves: one copy per node, in the page cache)."""
-    if where == "host":
-        return None
-    if where == "pinned-host":
-        store = torch.empty(array.shape, dtype=torch.uint8, pin_memory=True)
-    else:
-        store = torch.empty(array.shape, dtype=torch.uint8, device=device)
+def _to_gpu(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A GPU copy of the decoded array, copied in chunks (the memory map is read once)."""
+    store = torch.empty(array.shape, dtype=torch.uint8, device=device)
     rows = max(1, _COPY_CHUNK // max(1, int(np.prod(array.shape[1:]))))
     for a in range(0, len(array), rows):
         store[a : a + rows].copy_(torch.from_numpy(np.ascontiguousarray(array[a : a + rows])))
@@ -274,14 +266,13 @@ class ResidentBatchLoader:
         say = stderr_line if spec.rank == 0 else None
         processes = 0 if spec.workers == 0 else len(os.sched_getaffinity(0))
         array, path = decoded_rows(req, processes=processes, progress=spec.rank == 0, say=say)
-        self.where = where
-        self.store = _place(array, where, spec.device)
-        if where == "cuda" or where.startswith("cuda:"):
-            self.flat = _pixel_view(self.store)
+        self.on_gpu, self.pinned = where.startswith("cuda"), where == "pinned-host"
+        if self.on_gpu:
+            self.flat = _pixel_view(_to_gpu(array, spec.device))
+            del array  # the memory map: the GPU copy is the store now
         else:
-            host = array if self.store is None else self.store.numpy()
-            self.host = _HostAssembler(host, spec)
-        if where == "pinned-host":
+            self.host = _HostAssembler(array, spec)  # the memory map itself is the store
+        if self.pinned:
             shape = (spec.batch_size, spec.out_side, spec.out_side, spec.channels)
             self.staging = [torch.empty(shape, dtype=torch.uint8, pin_memory=True) for _ in "ab"]
             self.copied: list[torch.cuda.Event | None] = [None, None]
@@ -316,15 +307,15 @@ class ResidentBatchLoader:
         spec, dev = self.spec, self.spec.device
         plan, slots, draws = self._epoch_plan()
         rows = _upload(torch.from_numpy(plan), dev)  # once per epoch: no copy per batch
-        if self.store is not None and self.store.is_cuda:
+        if self.on_gpu:
             slots_d, draws_d = (
                 _upload(torch.from_numpy(slots), dev),
                 _upload(torch.from_numpy(draws), dev),
             )
         for step in range(len(plan)):
-            if self.store is None:
+            if not (self.on_gpu or self.pinned):
                 images = self.host.normalised(slots[step], draws[step])
-            elif self.store.is_cuda:
+            elif self.on_gpu:
                 pixels = gather_pixels(
                     self.flat, slots_d[step], draws_d[step], spec.side, spec.out_side, spec.channels
                 )
