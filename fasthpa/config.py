@@ -109,7 +109,10 @@ class DataConfig:
     dihedral: bool = _f(False, "random 90-degree rotations too (the full dihedral group)")
     channels: str = _f("rgby", "input stains: all four, or RGB only", CHANNEL_SETS)
     loader: str = _f(
-        "auto", "input pipeline: DALI if installed else PyTorch (auto), or forced", BACKENDS
+        "auto",
+        "input pipeline: auto = the dataset decoded once and held in memory (resident) when it "
+        "fits, else DALI if installed, else PyTorch; or one forced",
+        BACKENDS,
     )
     workers: int = _f(4, "loader worker processes / DALI CPU threads per rank")
 

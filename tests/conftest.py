@@ -1,8 +1,25 @@
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _resident_cache_dir():
+    """The resident loader's decoded arrays go to a folder of this session, not ~/.cache
+    (subprocesses, e.g. torchrun runs, inherit it through the environment)."""
+    folder = tempfile.mkdtemp(prefix="fasthpa_resident_")
+    old = os.environ.get("FASTHPA_RESIDENT_DIR")
+    os.environ["FASTHPA_RESIDENT_DIR"] = folder
+    yield folder
+    if old is None:
+        os.environ.pop("FASTHPA_RESIDENT_DIR", None)
+    else:
+        os.environ["FASTHPA_RESIDENT_DIR"] = old
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _has_cuda() -> bool:

@@ -349,4 +349,4 @@ def test_pack_cli(tmp_path):
         == 0
     )
     rc, err = run_cli("pack", str(tmp_path / "ds"), "--out", str(tmp_path / "o2"), "--size", "4")
-    assert rc == 2 and "--size applies to --format npy only" in err
+    assert rc == 2 and "--size applies to --format npy and lz4" in err

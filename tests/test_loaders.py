@@ -2,12 +2,15 @@
 
 Each backend (the PyTorch twin; DALI's CPU pipeline where DALI is installed) must return, for the
 same rows, the pixels the dataset layer decodes (``read_sample``), flipped/transposed/cropped as
-``np.flip``/``np.swapaxes``/slicing say, normalised as the float64 formula says.
+``np.flip``/``np.swapaxes``/slicing say, normalised as the float64 formula says; on every layout,
+the LZ4 pack included where the ``lz4`` package is installed. The resident backend is tested
+against the twin in test_resident.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import struct
 import sys
 import zlib
@@ -35,22 +38,31 @@ BACKENDS = [
     pytest.param("torch", id="torch"),
     pytest.param("dali", id="dali-cpu", marks=pytest.mark.dali),
 ]
-LAYOUTS = ["kaggle", "packed", "npy"]
+HAS_LZ4 = importlib.util.find_spec("lz4") is not None
+LAYOUTS = [
+    "kaggle",
+    "packed",
+    "npy",
+    pytest.param("lz4", marks=pytest.mark.skipif(not HAS_LZ4, reason="needs the lz4 package")),
+]
 N = 11  # prime: the last batch and the rank split are both uneven
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> dict:
-    """A tiny Kaggle-layout dataset (N samples, 20 px) and its png and npy packs."""
+    """A tiny Kaggle-layout dataset (N samples, 20 px) and its png, npy (and lz4) packs."""
     root = tmp_path_factory.mktemp("hpa")
     ids, pixels = write_tiny_dataset(root, n=N, size=20, seed=11)
     pack_dataset(root, root / "png", fmt="png", workers=1, progress=False)
     pack_dataset(root, root / "npy", fmt="npy", workers=1, progress=False)
+    if HAS_LZ4:
+        pack_dataset(root, root / "lz4", fmt="lz4", workers=1, progress=False)
     return {"root": root, "ids": ids, "pixels": pixels}
 
 
 def _source(dataset: dict, layout: str) -> DataSource:
     packed = {"kaggle": None, "packed": dataset["root"] / "png", "npy": dataset["root"] / "npy"}
+    packed["lz4"] = dataset["root"] / "lz4"
     return open_source(dataset["root"], "train", packed=packed[layout])
 
 
@@ -409,12 +421,21 @@ def test_awkward_png_kinds_same_as_dataset_layer(awkward, backend):
 # ---------------------------------------------------------------- backend choice and errors
 
 
+def _no_room_for_resident(monkeypatch) -> None:
+    """Make the resident store fit nowhere, so auto streams."""
+    import fasthpa.data.resident_loader as resident
+
+    monkeypatch.setattr(resident, "host_available_bytes", lambda: 0)
+
+
 def test_auto_without_dali_falls_back_with_one_notice(dataset, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes `import nvidia.dali` fail
+    _no_room_for_resident(monkeypatch)
     loader = _load(_source(dataset, "kaggle"), np.arange(N), "auto")
-    assert loader.backend == "torch"
+    assert loader.backend == "torch" and loader.placement["where"] == "streamed"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "DALI is not installed" in err and "--loader torch" in err
+    assert "not resident: the 11 rows need" in err and loader.choice in err
     loader = _load(_source(dataset, "npy"), np.arange(N), "cache", rank=1, world_size=2)
     assert loader.backend == "torch"
     assert capsys.readouterr().err == "", "only rank 0 prints the notice"
@@ -422,9 +443,19 @@ def test_auto_without_dali_falls_back_with_one_notice(dataset, monkeypatch, caps
         _load(_source(dataset, "kaggle"), np.arange(N), "dali")
 
 
+def test_auto_picks_resident_when_it_fits(dataset, capsys):
+    loader = _load(_source(dataset, "packed"), np.arange(N), "auto")
+    assert loader.backend == "resident" and loader.placement["where"] == "host"
+    assert loader.placement["bytes"] == N * 20 * 20 * 4
+    err = capsys.readouterr().err
+    assert "notice: loader auto: resident in host (the 11 rows need" in err
+
+
 @pytest.mark.dali
-def test_auto_and_cache_pick_dali_when_installed(dataset, capsys):
+def test_auto_and_cache_pick_dali_when_installed(dataset, monkeypatch, capsys):
+    _no_room_for_resident(monkeypatch)
     assert _load(_source(dataset, "kaggle"), np.arange(N), "auto").backend == "dali-cpu"
+    assert "loader auto: DALI, streaming the kaggle layout" in capsys.readouterr().err
     assert _load(_source(dataset, "npy"), np.arange(N), "cache").backend == "dali-cpu"
     assert _load(_source(dataset, "npy"), np.arange(N), "torch").backend == "torch"
     assert capsys.readouterr().err == ""

@@ -1,13 +1,16 @@
 """Validate a Kaggle-layout HPA dataset and print a summary.
 
 Reads the split's CSV, checks that every channel PNG exists, decodes a sample of samples (or all
-of them with --decode-all) and checks that their channels agree in size. Bad input ends with one
-line naming the file or row and exit status 2.
+of them with --decode-all) and checks that their channels agree in size. With ``--packed DIR`` it
+also checks every file of a ``fasthpa pack`` folder: its header and an intact body (PNG chunk
+CRCs, the LZ4 file's CRC-32, the npy data length). Bad input ends with one line naming the file
+or row and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from fasthpa.data.dataset import HPASplit, load_sample, load_split, missing_files
+from fasthpa.data.pack import MANIFEST, check_packed_file
+from fasthpa.data.source import open_source
 from fasthpa.errors import UserError
 from fasthpa.labels import LABEL_NAMES
 
@@ -68,6 +73,26 @@ def check_dataset(
     )
 
 
+def check_pack(root: str | Path, split: str, packed: str | Path) -> str:
+    """Check every file of the pack ``packed`` for ``root``'s ``split``; returns a summary line.
+
+    A damaged file is a UserError naming the first one and how many there are.
+    """
+    source = open_source(root, split, packed)
+    manifest = json.loads((Path(packed) / MANIFEST).read_text())
+    layout = (manifest.get("lz4") or {}).get("layout")
+    bad: list[UserError] = []
+    for row in range(len(source)):
+        try:
+            check_packed_file(source.sample_paths(row)[0], manifest.get("size"), layout)
+        except UserError as e:
+            bad.append(e)
+    if bad:
+        first = str(bad[0]).rstrip(".")
+        raise UserError(f"{first} ({len(bad)} of {len(source)} packed files damaged).")
+    return f"pack {packed}: {len(source)} {manifest['format']} files intact"
+
+
 def print_summary(s: CheckSummary) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -106,6 +131,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
         "--decode-all", action="store_true", help="decode every sample (slow on the full set)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed for choosing the decoded samples")
+    p.add_argument(
+        "--packed",
+        type=Path,
+        default=None,
+        help="also check every file of this `fasthpa pack` folder (headers and checksums)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,4 +144,6 @@ def run(args: argparse.Namespace) -> int:
         args.root, args.split, -1 if args.decode_all else args.decode, args.seed
     )
     print_summary(summary)
+    if args.packed is not None:
+        print(check_pack(args.root, args.split, args.packed))
     return 0

@@ -10,6 +10,9 @@ A batch is ``(images, labels, index)``:
 - ``index``: int64 [B] on the device, the dataset row of each sample; ``-1`` marks padding
   (eval only), which the evaluator masks out, so every real row is seen exactly once.
 
+Every backend normalises with :func:`normalise` (one float32 multiply and add, then the cast), so
+equal uint8 pixels give bit-identical batches whichever backend produced them.
+
 Sharding, shuffling and augmentation draws follow :mod:`fasthpa.data.sharding` through
 :meth:`LoaderSpec.plan` and :meth:`LoaderSpec.draws`, so every backend produces the same samples
 in the same order. Backends import this module and :mod:`fasthpa.data.source`, never each other
@@ -33,7 +36,7 @@ from fasthpa.labels import NUM_LABELS
 if TYPE_CHECKING:
     import torch
 
-BACKENDS = ("auto", "torch", "dali", "cache")
+BACKENDS = ("auto", "torch", "dali", "cache", "resident")
 """``--loader`` choices; see :mod:`fasthpa.data.loader`."""
 CHANNEL_SETS = {"rgby": 4, "rgb": 3}
 """``--channels`` choices and the number of input channels each gives."""
@@ -84,6 +87,9 @@ class BatchLoader(Protocol):
     """What ``build_loader`` returns, whatever the backend."""
 
     backend: str
+    placement: dict
+    """where the pixels live, for env.json and the run header: ``{"where": "cuda:0" |
+    "pinned-host" | "host" | "streamed", "bytes": resident bytes (0 when streamed), ...}``"""
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle for ``epoch`` (seeded by (seed, epoch); the same permutation on all ranks)."""
@@ -186,3 +192,31 @@ def lookup_labels(
     real = rows >= 0
     labels = targets.index_select(0, rows.clamp(min=0))
     return labels * real[:, None].to(labels.dtype)
+
+
+def normalise_constants(stats: ChannelStats, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (scale, shift) [C] with ``x * scale + shift == (x / 255 - mean) / std``."""
+    import torch
+
+    mean = torch.tensor(stats.mean, dtype=torch.float32, device=device)
+    std = torch.tensor(stats.std, dtype=torch.float32, device=device)
+    return 1.0 / (255.0 * std), -mean / std
+
+
+def normalise_in_place(y: torch.Tensor, constants: tuple[torch.Tensor, torch.Tensor]):
+    """float32 HWC pixel values ``y`` -> normalised, in place: one multiply, then one add (two
+    roundings, the same on every device; a fused multiply-add would round once)."""
+    scale, shift = constants
+    return y.mul_(scale).add_(shift)
+
+
+def normalise(pixels: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
+    """uint8 [B, H, W, C] -> (x / 255 - mean) / std as [B, C, H, W] channels_last ``spec.dtype``."""
+    import torch
+
+    # contiguous HWC, whatever torch.where left: the permute below must be channels_last
+    y = pixels.to(torch.float32, memory_format=torch.contiguous_format)
+    y = normalise_in_place(y, normalise_constants(spec.stats, pixels.device))
+    if spec.dtype != torch.float32:
+        y = y.to(spec.dtype)
+    return y.permute(0, 3, 1, 2)

@@ -6,6 +6,8 @@ pipeline with ``device_id=None`` otherwise)::
     kaggle  4 (or 3) x encoded stain PNG --decoders.image(GRAY)--> cat(axis=2) --+
     packed  encoded RGBA PNG --decoders.image(ANY_DATA)--> [:, :, :C] -----------+
     npy     readers.numpy (uint8 HWC, one file per sample) --> [:, :, :C] -------+
+    lz4     GPU: raw LZ4 blocks --decoders.inflate--> (planar: CHW -> HWC) ------+
+            CPU: decoded by the lz4 package on the feeder threads (uint8 HWC) ---+
                                                                                  v
         resize (linear, antialiased; only when --image-size differs) -> slice (crop window)
         -> [transpose H/W if drawn] -> flip(vertical) -> crop_mirror_normalize(mirror=hflip,
@@ -31,6 +33,14 @@ kind is decoded by the dataset layer (``decode_png`` / ``read_packed``), which c
 exactly or raises its UserError, and is handed to DALI re-encoded as a plain 8-bit PNG. Every
 backend thus sees the same pixels or the same error; real HPA stains are all 8-bit gray.
 
+LZ4 pack (``fasthpa pack --format lz4``): on a GPU the feeder threads read each file and check
+its header and CRC-32 (a damaged file is a UserError naming it, as in every backend), then feed
+the compressed blocks, their sizes and the block shape to ``fn.decoders.inflate``, which
+decompresses them on the GPU (planar packs: one block per stain, inflated to [C, H, W] and
+transposed to HWC; interleaved: one HWC block). DALI's inflate has no CPU implementation, so the
+CPU pipeline decompresses on the feeder threads with the ``lz4`` package (``read_lz4``, the
+twin's decoder) and feeds the uint8 HWC pixels.
+
 Resize: DALI's antialiased linear filter is within one grey level of PIL's (the twin's and the
 cache writer's), not bit-identical; for bit-identical inputs resize once with
 ``fasthpa pack --format npy --size S`` and train on the cache.
@@ -41,6 +51,7 @@ Call it through :func:`fasthpa.data.loader.build_loader` (``backend="dali"``, ``
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from collections.abc import Iterator
@@ -52,7 +63,7 @@ import torch
 
 from fasthpa.data.contract import LoaderSpec, lookup_labels, targets_on_device
 from fasthpa.data.dataset import decode_png
-from fasthpa.data.pack import read_packed
+from fasthpa.data.pack import read_lz4, read_lz4_file, read_packed
 from fasthpa.errors import UserError
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -75,6 +86,10 @@ def _encode_png(img: np.ndarray) -> np.ndarray:
     return np.frombuffer(buf.getvalue(), dtype=np.uint8)
 
 
+def _read_encoded_tuple(path: Path, packed: bool) -> tuple[np.ndarray]:
+    return (read_encoded(path, packed),)
+
+
 def read_encoded(path: Path, packed: bool) -> np.ndarray:
     """The bytes DALI decodes for ``path``: the file itself when DALI decodes it exactly like the
     dataset layer, else the dataset layer's pixels re-encoded (or its UserError)."""
@@ -87,6 +102,20 @@ def read_encoded(path: Path, packed: bool) -> np.ndarray:
     return _encode_png(read_packed(path) if packed else decode_png(path))
 
 
+def lz4_blocks(path: Path, channels: int, layout: str) -> tuple[np.ndarray, ...]:
+    """What ``fn.decoders.inflate`` is fed for one ``.lz4`` file: (the blocks of the first
+    ``channels`` stains back to back, their sizes, the shape each inflates to), after checking
+    the file; a file of another layout than the pack's is a UserError naming it."""
+    data, hd = read_lz4_file(path)
+    if hd.layout != layout:
+        raise UserError(
+            f"{path}: {hd.layout} LZ4 sample in a {layout} pack; re-run `fasthpa pack`."
+        )
+    sizes = hd.sizes[:channels] if layout == "planar" else hd.sizes
+    payload = np.frombuffer(data, dtype=np.uint8, count=sum(sizes), offset=hd.offset)
+    return payload, np.array(sizes, dtype=np.int32), np.array(hd.block_shape, dtype=np.int32)
+
+
 class _Feeder:
     """The external source: per batch, the encoded files, the draws and the rows of the plan.
 
@@ -95,12 +124,12 @@ class _Feeder:
     DALI asks for only after ``DaliBatchLoader.__iter__`` has set the epoch and reset the pipe.
     """
 
-    def __init__(self, spec: LoaderSpec, pool: ThreadPoolExecutor, read_files: bool) -> None:
+    def __init__(self, spec: LoaderSpec, pool: ThreadPoolExecutor, read) -> None:
         self.spec = spec
         self.pool = pool
-        self.read_files = read_files
-        self.packed = spec.source.kind == "packed"
-        self.per_sample = 1 if self.packed else spec.channels
+        self.read = read
+        """path -> tuple of arrays fed for it (None: the pipeline reads the files itself)"""
+        self.per_sample = spec.channels if spec.source.kind == "kaggle" else 1
         self.epoch = 0
         self.plan: np.ndarray | None = None
         self.step = 0
@@ -119,7 +148,7 @@ class _Feeder:
             return
         spec = self.spec
         self.reads[step] = [
-            self.pool.submit(read_encoded, path, self.packed)
+            self.pool.submit(self.read, path)
             for r in self.plan[step]
             for path in spec.source.sample_paths(
                 int(r) if r >= 0 else spec.pad_row, self.per_sample
@@ -134,12 +163,13 @@ class _Feeder:
             raise StopIteration
         self.step += 1
         out: list[list[np.ndarray]] = []
-        if self.read_files:
+        if self.read is not None:
             self._submit(step)
             # the next batch's files are read while DALI decodes this one
             self._submit(step + 1)
-            encoded = [f.result() for f in self.reads.pop(step)]
-            out += [encoded[c :: self.per_sample] for c in range(self.per_sample)]
+            fed = [f.result() for f in self.reads.pop(step)]
+            for c in range(self.per_sample):
+                out += [[t[a] for t in fed[c :: self.per_sample]] for a in range(len(fed[0]))]
         out.append(list(self.spec.draws(self.epoch, step).as_array()))
         out.append([np.array([r], dtype=np.int64) for r in self.plan[step]])
         return tuple(out)
@@ -155,8 +185,10 @@ class DaliBatchLoader:
         self.targets = targets_on_device(spec)
         self.threads = max(1, spec.workers)
         self.pool = ThreadPoolExecutor(max_workers=self.threads)
+        self.placement = {"where": "streamed", "bytes": 0, "source": spec.source.kind}
         self.cache = spec.source.kind == "npy"
-        self.feeder = _Feeder(spec, self.pool, read_files=not self.cache)
+        self.inputs = self._inputs()
+        self.feeder = _Feeder(spec, self.pool, self.inputs[0])
         self.numpy_device = "gpu" if self.cuda else "cpu"
         self.pipe = None
         self.epoch = 0
@@ -170,45 +202,85 @@ class DaliBatchLoader:
 
     # ------------------------------------------------------------------ the graph
 
+    def _inputs(self):
+        """(per-file read function or None, DALI dtypes and ndims of what it returns)."""
+        from nvidia.dali import types
+
+        spec = self.spec
+        kind, c = spec.source.kind, spec.channels
+        if kind == "npy":
+            return None, [], []
+        if kind == "lz4" and self.cuda:
+            self.lz4_layout = read_lz4_file(spec.source.sample_paths(spec.pad_row)[0])[1].layout
+            read = functools.partial(lz4_blocks, channels=c, layout=self.lz4_layout)
+            return read, [types.UINT8, types.INT32, types.INT32], [1, 1, 1]
+        if kind == "lz4":  # DALI's inflate is GPU-only: decompress on the feeder threads
+            return (lambda path: (read_lz4(path, c),)), [types.UINT8], [3]
+        n = c if kind == "kaggle" else 1
+        read = functools.partial(_read_encoded_tuple, packed=kind == "packed")
+        return read, [types.UINT8] * n, [1] * n
+
+    def _decode(self, fn, types, fed: list, files: list[str] | None):
+        """The batch's uint8 HWC images, whatever the layout (the graph's first stage)."""
+        spec = self.spec
+        kind, c = spec.source.kind, spec.channels
+        dev = "mixed" if self.cuda else "cpu"
+        if kind == "kaggle":
+            planes = [
+                fn.decoders.image(fed[i], device=dev, output_type=types.GRAY) for i in range(c)
+            ]
+            return fn.cat(*planes, axis=2)
+        if kind == "packed":
+            img = fn.decoders.image(fed[0], device=dev, output_type=types.ANY_DATA)
+        elif kind == "npy":
+            img = fn.reshape(self._read_numpy(fn, files), layout="HWC")
+        elif not self.cuda:  # lz4 decoded on the feeder threads, channels already selected
+            return fn.reshape(fed[0], layout="HWC")
+        elif self.lz4_layout == "planar":  # the first c stain blocks: [c, H, W]
+            img = fn.decoders.inflate(
+                fed[0].gpu(),
+                shape=fed[2],
+                chunk_sizes=fed[1],
+                dtype=types.UINT8,
+                layout="HW",
+                sequence_axis_name="C",
+            )
+            return fn.transpose(img, perm=[1, 2, 0], output_layout="HWC")
+        else:
+            img = fn.decoders.inflate(fed[0].gpu(), shape=fed[2], dtype=types.UINT8, layout="HWC")
+        return img[:, :, 0:c] if c < 4 else img
+
     def _build(self, files: list[str] | None):
         from nvidia.dali import fn, pipeline_def, types
 
         spec = self.spec
-        c = spec.channels
-        decode_dev = "mixed" if self.cuda else "cpu"
         h_p, v_p, t_p = spec.augment.probabilities() if spec.train else (0.0, 0.0, 0.0)
-        n_files = 0 if self.cache else (1 if spec.source.kind == "packed" else c)
-        dtypes = [types.UINT8] * n_files + [types.INT32, types.INT64]
+        _, file_dtypes, file_ndims = self.inputs
+        n_files = len(file_dtypes)
+        stored = spec.source.size if spec.source.kind in ("npy", "lz4") else None
 
         @pipeline_def(enable_conditionals=True)
         def graph():
             fed = fn.external_source(
-                source=self.feeder, num_outputs=n_files + 2, batch=True, dtype=dtypes, ndim=1,
+                source=self.feeder,
+                num_outputs=n_files + 2,
+                batch=True,
                 cycle="raise",
-            )  # fmt: skip
+                dtype=file_dtypes + [types.INT32, types.INT64],
+                ndim=file_ndims + [1, 1],
+            )
             draws, rows = fed[n_files], fed[n_files + 1]
-            if self.cache:
-                img = self._read_numpy(fn, files)
-                img = fn.reshape(img, layout="HWC")
-                if c < 4:
-                    img = img[:, :, 0:c]
-            elif spec.source.kind == "packed":
-                img = fn.decoders.image(fed[0], device=decode_dev, output_type=types.ANY_DATA)
-                if c < 4:
-                    img = img[:, :, 0:c]
-            else:
-                planes = [
-                    fn.decoders.image(fed[i], device=decode_dev, output_type=types.GRAY)
-                    for i in range(c)
-                ]
-                img = fn.cat(*planes, axis=2)
-            if spec.image_size is not None and not (self.cache and spec.source.size == spec.side):
-                # resizing to the stored size returns the pixels unchanged; the cache knows its
-                # size up front, so it skips the op
+            img = self._decode(fn, types, fed, files)
+            if spec.image_size is not None and stored != spec.side:
+                # resizing to the stored size returns the pixels unchanged; a decoded pack knows
+                # its size up front, so it skips the op
                 img = fn.resize(
-                    img, size=[spec.side, spec.side], interp_type=types.INTERP_LINEAR,
-                    antialias=True, dtype=types.UINT8,
-                )  # fmt: skip
+                    img,
+                    size=[spec.side, spec.side],
+                    interp_type=types.INTERP_LINEAR,
+                    antialias=True,
+                    dtype=types.UINT8,
+                )
             if spec.crop is not None:
                 img = fn.slice(
                     img, draws[3:5], np.array([spec.crop, spec.crop], dtype=np.int32),

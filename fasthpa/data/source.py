@@ -1,7 +1,8 @@
 """The pixel source: which files hold a dataset row, and the plain decode every backend matches.
 
-Three layouts (``DataSource.kind``): the Kaggle folder (four stain PNGs per sample), a pack of
-RGBA PNGs (``fasthpa pack``) and the decoded uint8 ``.npy`` cache (``fasthpa pack --format npy``).
+Four layouts (``DataSource.kind``): the Kaggle folder (four stain PNGs per sample), a pack of
+RGBA PNGs (``fasthpa pack``), the decoded uint8 ``.npy`` cache (``fasthpa pack --format npy``) and
+the LZ4-compressed decoded pixels (``fasthpa pack --format lz4``).
 Ids, their order and the targets always come from the split's CSV.
 
 Call::
@@ -21,20 +22,24 @@ from pathlib import Path
 import numpy as np
 
 from fasthpa.data.dataset import channel_paths, load_sample, load_split, missing_files
-from fasthpa.data.pack import MANIFEST, packed_path, read_packed
+from fasthpa.data.pack import MANIFEST, packed_path, read_lz4, read_lz4_file, read_packed
 from fasthpa.errors import UserError
 from fasthpa.labels import CHANNELS
 
-SOURCE_KINDS = ("kaggle", "packed", "npy")
+SOURCE_KINDS = ("kaggle", "packed", "npy", "lz4")
+_PACK_KINDS = {"png": "packed", "npy": "npy", "lz4": "lz4"}
+"""pack.json format -> DataSource.kind"""
+_EXTENSIONS = {"packed": "png", "npy": "npy", "lz4": "lz4"}
 
 
 @dataclass
 class DataSource:
-    """Where pixels come from: one of three layouts.
+    """Where pixels come from: one of four layouts.
 
     ``kind`` is "kaggle" (4 stain PNGs per sample in ``root`` = ROOT/train), "packed" (one RGBA
-    PNG per sample, ``fasthpa pack``) or "npy" (decoded uint8 HWC cache, ``--format npy``);
-    ``targets`` is uint8 [N, 28] or None; ``size`` is the cache's side (npy only).
+    PNG per sample, ``fasthpa pack``), "npy" (decoded uint8 HWC cache, ``--format npy``) or "lz4"
+    (the decoded pixels LZ4-compressed, ``--format lz4``); ``targets`` is uint8 [N, 28] or None;
+    ``size`` is the side of a decoded pack (npy, lz4: ``--size``, else the first sample's).
     """
 
     kind: str
@@ -56,17 +61,20 @@ class DataSource:
         sample_id = self.ids[row]
         if self.kind == "kaggle":
             return channel_paths(self.root, sample_id, CHANNELS[:channels])
-        return [packed_path(self.root, sample_id, "npy" if self.kind == "npy" else "png")]
+        return [packed_path(self.root, sample_id, _EXTENSIONS[self.kind])]
 
 
 def read_sample(source: DataSource, row: int, channels: int = 4) -> np.ndarray:
     """Decode dataset row ``row`` of ``source`` to uint8 [H, W, channels] as stored (no resize).
 
     The plain reference every backend is tested against: PNGs go through the dataset layer's
-    exact-or-reject rule, packed files through ``read_packed``.
+    exact-or-reject rule, packed files through ``read_packed`` (LZ4 files decode only the
+    planes asked for).
     """
     if source.kind == "kaggle":
         return load_sample(source.root, source.ids[row], CHANNELS[:channels])
+    if source.kind == "lz4":
+        return read_lz4(source.sample_paths(row)[0], channels)
     img = read_packed(source.sample_paths(row)[0])
     return img if channels == 4 else np.ascontiguousarray(img[..., :channels])
 
@@ -76,6 +84,9 @@ def stored_size(source: DataSource, row: int = 0) -> tuple[int, int]:
     path = source.sample_paths(row, 1)[0]
     if source.kind == "npy":
         return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape[:2])
+    if source.kind == "lz4":
+        header = read_lz4_file(path)[1]
+        return header.height, header.width
     from PIL import Image
 
     try:
@@ -92,7 +103,7 @@ def open_source(
 ) -> DataSource:
     """Index ``split`` of the Kaggle-layout dataset at ``data_root``, optionally read from a pack.
 
-    ``packed`` is a folder written by ``fasthpa pack`` (its pack.json says png or npy); its Ids
+    ``packed`` is a folder written by ``fasthpa pack`` (its pack.json says png, npy or lz4); its Ids
     must cover the split's Ids. Ids, order and targets always come from the split's CSV.
     """
     data = load_split(data_root, split)
@@ -115,7 +126,7 @@ def open_source(
         ) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{manifest_path}: not a valid pack manifest ({e}).") from None
-    if fmt not in ("png", "npy"):
+    if fmt not in _PACK_KINDS:
         raise UserError(f"{manifest_path}: unknown pack format {fmt!r}.")
     if manifest.get("split", split) != split:
         raise UserError(
@@ -128,8 +139,8 @@ def open_source(
             f"--packed {pack_dir}: {len(absent)} of the {len(data.ids)} {split} Ids are not in the "
             f"pack (first: {absent[0]}); re-run `fasthpa pack` on {data.root}."
         )
-    kind = "npy" if fmt == "npy" else "packed"
+    kind = _PACK_KINDS[fmt]
     source = DataSource(kind, pack_dir, list(data.ids), data.targets, size)
-    if kind == "npy" and size is None:
+    if kind in ("npy", "lz4") and size is None:
         source.size = stored_size(source)[0]
     return source

@@ -1,8 +1,8 @@
 """The PyTorch twin of the DALI pipelines: the fallback without DALI and the baseline for its figures.
 
 Worker processes (``torch.utils.data.DataLoader``, persistent, pinned memory on CUDA) each build
-whole batches: decode through the dataset layer (the exact-or-reject PNG rule, ``read_packed``
-or ``np.load`` for the cache), resize with PIL (``fasthpa.data.pack.resize_sample``, the
+whole batches: decode through the dataset layer (the exact-or-reject PNG rule, ``read_packed``,
+``np.load`` for the cache, the ``lz4`` package for the LZ4 pack), resize with PIL (``fasthpa.data.pack.resize_sample``, the
 function the npy cache was written with) and crop, then stack uint8 HWC. The main process copies
 the uint8 batch to the device (4x less traffic than float) and there applies the transposition,
 the flips and the normalisation, then views the HWC batch as NCHW (channels_last, no copy).
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fasthpa.data.contract import LoaderSpec, lookup_labels, targets_on_device
+from fasthpa.data.contract import LoaderSpec, lookup_labels, normalise, targets_on_device
 from fasthpa.data.pack import resize_sample
 from fasthpa.data.source import read_sample
 from fasthpa.errors import UserError
@@ -119,19 +119,6 @@ def augment_on_device(pixels: torch.Tensor, draws: torch.Tensor, spec: LoaderSpe
     return x
 
 
-def normalise(pixels: torch.Tensor, spec: LoaderSpec) -> torch.Tensor:
-    """uint8 [B, H, W, C] -> (x / 255 - mean) / std as [B, C, H, W] channels_last ``spec.dtype``."""
-    mean = torch.tensor(spec.stats.mean, dtype=torch.float32, device=pixels.device)
-    std = torch.tensor(spec.stats.std, dtype=torch.float32, device=pixels.device)
-    # one multiply and one add in place on the float32 copy (fewer passes than addcmul)
-    # contiguous HWC, whatever torch.where left: the permute below must be channels_last
-    y = pixels.to(torch.float32, memory_format=torch.contiguous_format)
-    y = y.mul_(1.0 / (255.0 * std)).add_(-mean / std)
-    if spec.dtype != torch.float32:
-        y = y.to(spec.dtype)
-    return y.permute(0, 3, 1, 2)
-
-
 def augment_and_normalise(
     pixels: torch.Tensor, draws: torch.Tensor, spec: LoaderSpec
 ) -> torch.Tensor:
@@ -146,6 +133,7 @@ class TorchBatchLoader:
 
     def __init__(self, spec: LoaderSpec) -> None:
         self.spec = spec
+        self.placement = {"where": "streamed", "bytes": 0, "source": spec.source.kind}
         self.sampler = _PlanSampler(spec)
         self.targets = targets_on_device(spec)
         reader = _BatchReader(spec)

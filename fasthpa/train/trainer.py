@@ -167,6 +167,11 @@ def _record_start(run: Run) -> None:
         "world_size": run.info.world_size,
         "ddp": run.info.ddp,
         "loader": run.train_loader.backend,
+        "loader_choice": getattr(run.train_loader, "choice", None),
+        "data_placement": {
+            "train": getattr(run.train_loader, "placement", None),
+            "dev": getattr(run.dev_loader, "placement", None),
+        },
         "amp": str(run.amp).replace("torch.", "") if run.amp else "off",
         "compile": run.compiled,
         "channels_last": run.cfg.speed.channels_last,
@@ -175,9 +180,13 @@ def _record_start(run: Run) -> None:
     }
     atomic_write_json(run.run_dir / "env.json", env)
     d = run.data
+    where = env["data_placement"]["train"] or {}
+    held = f" in {where['where']}" if where.get("where") else ""
+    if where.get("bytes"):
+        held += f" ({where['bytes'] / 2**30:.2f} GiB)"
     run.say(
         f"fasthpa: {run.cfg.model.arch} on {run.info.world_size} x {env['device']}, loader "
-        f"{env['loader']}, amp {env['amp']}, compile {run.compiled}, pretrained "
+        f"{env['loader']}{held}, amp {env['amp']}, compile {run.compiled}, pretrained "
         f"{run.model_info.get('pretrained')}, {len(d.train_idx)} train / {len(d.dev_idx)} dev / "
         f"{len(d.test_idx)} test, {run.plan.steps_per_epoch} steps/epoch, global batch "
         f"{run.plan.global_batch}"
