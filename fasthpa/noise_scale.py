@@ -185,7 +185,9 @@ class MicroBatchNorms:
         else:
             if len(grads) != len(self._prev):
                 raise RuntimeError("the set of parameters with gradients changed within a step")
-            self._diff_sq = self._diff_sq + sum_sq(torch._foreach_sub(grads, self._prev))
+            # in place (prev becomes a_{i-1} - a_i): no second gradient-sized buffer
+            torch._foreach_sub_(self._prev, grads)
+            self._diff_sq = self._diff_sq + sum_sq(self._prev)
         self._seen += 1
         if self._seen < self.accum:  # the last micro-batch needs no snapshot
             if self._prev is None or len(self._prev) != len(grads):
