@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -250,6 +251,157 @@ def test_batch_f1_command_is_a_valid_trainer_command(tmp_path):
     assert cfg.run.batch_size == 32 and cfg.run.epochs == 3 and cfg.data.image_size == 48
     assert cfg.optim.lr == pytest.approx(1e-3 * math.sqrt(32 / 8))
     assert cfg.optim.warmup_epochs == 1.0 and cfg.model.arch == "resnet34"
+    assert cfg.run.eval_every == 1 and cfg.run.seed == opts.seeds[0]
+
+    # the B_simple run: two micro-batches of half the batch, at the lr of the whole batch
+    noise = batch_f1.noise_command(opts, tmp_path / "data", tmp_path / "n", 32, "0.8,0.2,0", 3)
+    assert noise[-1] == batch_f1.NOISE_FLAG
+    cfg = config_from_args(parser.parse_args(noise[3:-1]))  # the flag is not the trainer's yet
+    assert (cfg.run.batch_size, cfg.optim.grad_accum, cfg.run.seed) == (16, 2, 3)
+    assert cfg.optim.lr == pytest.approx(1e-3 * math.sqrt(32 / 8))
+
+
+def test_batch_study_reads_the_trainers_help_for_the_noise_flag():
+    help_text = batch_f1.trainer_help()
+    for flag in ("--grad-accum", "--eval-every", "--progress"):  # --progress is [--x | --no-x]
+        assert batch_f1.lists_flag(help_text, flag), flag
+    assert not batch_f1.lists_flag(help_text, "--noise")  # a prefix is not the flag
+    assert not batch_f1.lists_flag("usage: [--noise-scale-every N]", batch_f1.NOISE_FLAG)
+    assert batch_f1.lists_flag("  --noise-scale, --no-noise-scale  ...", batch_f1.NOISE_FLAG)
+
+
+# the fake trainer's world: S(B) = S_MIN (1 + B_NOISE / B) steps to reach F1 = TARGET
+S_MIN, B_NOISE, TARGET, TRAIN_N = 50.0, 32.0, 0.5, 1024
+
+
+def _fake_trainer(cmd: list[str], log_path: Path, timeout_s) -> tuple[int, float, str]:
+    """Stands in for ``python -m fasthpa.train``: writes the run folder a real run would, with a
+    dev F1 that rises linearly to TARGET at exactly S(B) steps, seed 1 taking 5% longer and
+    seed 0 5% less, images/sec 100 B / (B + 6), and a test F1 of 0.6 (0.55 at batch 16)."""
+    arg = {k: cmd[i + 1] for i, k in enumerate(cmd) if k.startswith("--") and i + 1 < len(cmd)}
+    out, batch = Path(arg["--out"]), int(arg["--batch-size"]) * int(arg.get("--grad-accum", 1))
+    seed, epochs, noise = int(arg["--seed"]), int(arg["--epochs"]), batch_f1.NOISE_FLAG in cmd
+    steps_per_epoch = TRAIN_N // batch
+    need = S_MIN * (1 + B_NOISE / batch) * (0.95 if seed == 0 else 1.05)
+    ips = 100 * batch / (batch + 6)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"run": {"batch_size": batch}}))
+    (out / "env.json").write_text(json.dumps({"global_batch": batch, "device": "fake"}))
+    rows, step = [], 0
+    for epoch in range(epochs):
+        for _ in range(steps_per_epoch // 4):  # a log row every 4 steps
+            step += 4
+            rows.append({"kind": "step", "step": step, "images_per_sec": ips})
+            if noise:
+                rows[-1]["b_simple"] = 10.0 + step
+        step = (epoch + 1) * steps_per_epoch
+        f1 = min(0.8, TARGET * step / need)
+        rows.append(
+            {
+                "kind": "epoch",
+                "epoch": epoch,
+                "step": step,
+                "train_loss": 0.1,
+                "elapsed_s": 1.5 * step * batch / ips,
+                "dev_macro_f1_at_0.5": f1 / 2,
+                "dev_macro_f1_tuned": f1,
+            }
+        )
+    (out / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test_f1 = 0.55 if batch == 16 else 0.6
+    final = {"test_macro_f1_tuned": test_f1, "test_macro_f1_at_0.5": test_f1 / 2}
+    (out / "final_metrics.json").write_text(json.dumps(final))
+    log_path.write_text("done\n")
+    return 0, 0.1, "done"
+
+
+def test_batch_study_fits_the_critical_batch_and_recommends(tmp_path, monkeypatch):
+    monkeypatch.setattr(batch_f1, "run_one", _fake_trainer)
+    monkeypatch.setattr(batch_f1, "trainer_help", lambda: f"usage: [{batch_f1.NOISE_FLAG}]")
+    opts = batch_f1.parse_options(
+        [
+            "--quick",
+            "--batch-sizes",
+            "8,16,32,64",
+            "--epochs",
+            "10",
+            "--target-f1",
+            str(TARGET),
+            "--data",
+            str(tmp_path / "no_data_needed"),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    result = batch_f1.run_benchmark(opts)
+    rows = {(r["batch"], r["seed"]): r for r in result["rows"]}
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows.values())
+    for (batch, seed), r in rows.items():
+        need = S_MIN * (1 + B_NOISE / batch) * (0.95 if seed == 0 else 1.05)
+        assert r["steps_to_target"] == pytest.approx(need) and r["first_eval"] is False
+        ips = 100 * batch / (batch + 6)
+        assert r["train_s_to_target"] == pytest.approx(need * batch / ips)
+        assert r["elapsed_s_to_target"] == pytest.approx(1.5 * need * batch / ips)
+    fit = result["fit"]
+    assert fit["status"] == "ok" and fit["points"] == 8
+    assert fit["s_min"] == pytest.approx(S_MIN) and fit["b_noise"] == pytest.approx(B_NOISE)
+    # the seeds' ±5% is all the line cannot explain (the fit goes through each batch's mean)
+    steps = [S_MIN * (1 + B_NOISE / b) * f for b in (8, 16, 32, 64) for f in (0.95, 1.05)]
+    resid = sum((0.05 * S_MIN * (1 + B_NOISE / b)) ** 2 * 2 for b in (8, 16, 32, 64))
+    total = sum((v - statistics.fmean(steps)) ** 2 for v in steps)
+    assert fit["r2"] == pytest.approx(1 - resid / total)
+    by_batch = {b["batch"]: b for b in result["batches"]}
+    assert by_batch[16]["test_f1"] == pytest.approx(0.55) and by_batch[8]["test_f1_std"] == 0.0
+    assert by_batch[8]["steps_to_target_std"] == pytest.approx(
+        statistics.stdev([0.95 * 250, 1.05 * 250])
+    )
+    # training seconds to target: 35 at batch 8, 33 at 16 (F1 0.05 below: out), 38 at 32
+    rec = result["recommendation"]
+    assert rec["batch"] == 8 and "batch 16" in rec["reason"]
+    # B_simple: the noise runs (the middle batch, 32) log 10 + step; read at the last log row
+    # before the run reached the target
+    noise = result["noise"]
+    assert noise["status"] == "ok" and noise["batch"] == 32
+    for p in noise["per_seed"]:
+        need = S_MIN * (1 + B_NOISE / 32) * (0.95 if p["seed"] == 0 else 1.05)
+        assert p["at_step"] == 4 * (need // 4) and p["b_simple"] == 10.0 + p["at_step"]
+    assert noise["b_noise_over_b_simple"] == pytest.approx(fit["b_noise"] / noise["b_simple"])
+    json_path, md_path, png_path = (Path(p) for p in result["paths"])
+    payload = json.loads(json_path.read_text())
+    assert payload["recommendation"]["batch"] == 8 and payload["fit"]["b_noise"] == fit["b_noise"]
+    assert len(payload["rows"]) == 8 and len(payload["noise_runs"]) == 2
+    md = md_path.read_text()
+    assert "Recommended batch size: 8" in md and png_path.name in md
+    assert png_path.stat().st_size > 10_000
+
+
+def test_batch_study_without_the_noise_flag_says_not_measured(tmp_path, monkeypatch):
+    monkeypatch.setattr(batch_f1, "run_one", _fake_trainer)
+    monkeypatch.setattr(batch_f1, "trainer_help", lambda: "usage: [--grad-accum N]")
+    opts = batch_f1.parse_options(
+        [
+            "--quick",
+            "--batch-sizes",
+            "8,32",
+            "--seeds",
+            "0",
+            "--epochs",
+            "10",
+            "--no-save",
+            "--data",
+            str(tmp_path / "d"),
+            "--workdir",
+            str(tmp_path / "work"),
+        ]
+    )
+    result = batch_f1.run_benchmark(opts)
+    assert result["noise"]["status"].startswith("not measured")
+    assert not list((tmp_path / "work" / "runs").glob("noise_*"))
+    # the automatic target: 0.9 x the lowest best dev F1 (both runs top out at 0.8)
+    assert result["target"] == pytest.approx(0.72)
+    assert result["fit"]["status"] == "ok" and result["paths"] == []
 
 
 def test_seed_experiments_quick_assembles_every_experiment_with_numbers(tmp_path):
