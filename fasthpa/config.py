@@ -221,6 +221,11 @@ class RunConfig:
     eval_every: int = _f(1, "evaluate on dev every N epochs (and always after the last)")
     max_steps: int | None = _f(None, "stop after this many optimiser steps in total (smoke runs)")
     progress: bool = _f(True, "rich progress bar on rank 0")
+    noise_scale: bool = _f(
+        False,
+        "measure the gradient noise scale B_simple (McCandlish et al. 2018) on log steps; needs "
+        "--grad-accum >= 2 on one device, or several ranks",
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "log_every", "eval_every", "max_steps"):

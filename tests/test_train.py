@@ -18,6 +18,7 @@ import torch
 from fasthpa.checkpoint import load_checkpoint, load_latest
 from fasthpa.data.synth import generate
 from fasthpa.errors import UserError
+from fasthpa.noise_scale import NOISE_SCALE_REQUIREMENT
 from fasthpa.train import TrainHooks
 from fasthpa.train.cli import main as train_main
 
@@ -357,3 +358,20 @@ def test_fold_flag_parsing_and_validation():
     for bad in ("5/5", "1/1", "x"):
         with pytest.raises(UserError, match="--fold"):
             DataConfig(data="d", fold=bad)
+
+
+def test_noise_scale_meter_logs_on_log_steps_and_needs_two_batch_sizes(
+    synth_root, tmp_path, capsys
+):
+    run = tmp_path / "run"
+    argv = tiny_args(synth_root, run, "--epochs", "1", "--noise-scale", "--batch-size", "4")
+    assert run_main([*argv, "--grad-accum", "2"]) == 0
+    steps = [r for r in history(run) if r["kind"] == "step"]
+    assert steps and all(r["b_small"] == 4 and r["b_big"] == 8 for r in steps)
+    assert all("grad_sq_ema" in r and "trace_sigma_ema" in r for r in steps)
+    env = json.loads((run / "env.json").read_text())
+    assert env["noise_scale"]["source"] == "grad_accum_micro_batches"
+    capsys.readouterr()
+    assert run_main(tiny_args(synth_root, tmp_path / "one", "--noise-scale")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: " + NOISE_SCALE_REQUIREMENT

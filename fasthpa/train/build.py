@@ -39,6 +39,7 @@ from fasthpa.errors import UserError
 from fasthpa.labels import NUM_LABELS
 from fasthpa.loss import LossFn, make_loss
 from fasthpa.model import build_model, default_pretrained, load_pretrained
+from fasthpa.noise_scale import NoiseScale, build_noise_scale
 from fasthpa.runtime import (
     amp_dtype,
     autocast_factory,
@@ -111,6 +112,8 @@ class Run:
     model_info: dict[str, Any]
     net: nn.Module | None = None
     """what the step calls: ``model`` wrapped by :meth:`wrap` (DDP, compile), or ``model``"""
+    noise: NoiseScale | None = None
+    """the gradient-noise-scale meter (``--noise-scale``), built by :meth:`wrap`"""
 
     @property
     def device(self) -> torch.device:
@@ -132,6 +135,15 @@ class Run:
             compile=self.compiled,
             compile_mode=s.compile_mode,
         )
+        if self.cfg.run.noise_scale:
+            ddp = isinstance(self.net, nn.parallel.DistributedDataParallel)
+            self.noise = build_noise_scale(
+                self.net if ddp and self.info.world_size > 1 else self.model,
+                batch_size=self.cfg.run.batch_size,
+                grad_accum=self.cfg.optim.grad_accum,
+                world_size=self.info.world_size,
+                scaler=self.scaler,
+            )
 
     def say(self, *parts: Any) -> None:
         """Print on rank 0 only."""

@@ -99,7 +99,14 @@ def one_step(run: Run, state: TrainState, parts: LoopParts, batches: Iterator, s
     for group in run.optimizer.param_groups:
         group["lr"] = run.plan.lr(state.step)
     loss = train_step(
-        run.net, run.optimizer, run.scaler, run.loss_fn, micro, run.autocast, parts.loss_hook
+        run.net,
+        run.optimizer,
+        run.scaler,
+        run.loss_fn,
+        micro,
+        run.autocast,
+        parts.loss_hook,
+        run.noise,
     )
     state.step += 1
     parts.meter.record(state.step, loss)

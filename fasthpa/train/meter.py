@@ -74,6 +74,8 @@ class StepMeter:
             self.progress.close()
             raise UserError(self._non_finite(losses, int(bad[0]), epoch, step))
         row = self._row(epoch, step, float(losses.mean()))
+        if self.run.noise is not None:  # on every rank: read() all-reduces under DDP
+            row |= self.run.noise.read()
         self.history.log(**row)
         self.progress.update(row)
         self.t_log, self.data_wait, self.steps_since_log = time.perf_counter(), 0.0, 0

@@ -177,6 +177,7 @@ def _record_start(run: Run) -> None:
         "channels_last": run.cfg.speed.channels_last,
         "pretrained": run.model_info,
         "global_batch": run.plan.global_batch,
+        "noise_scale": run.noise.describe() if run.noise is not None else None,
     }
     atomic_write_json(run.run_dir / "env.json", env)
     d = run.data
