@@ -33,14 +33,16 @@ from fasthpa.distributed import DEVICE_CHOICES
 from fasthpa.errors import UserError
 from fasthpa.loss import FOCAL_VARIANTS, LOSSES
 from fasthpa.model import HEADS, YELLOW_INITS
+from fasthpa.recipes import DEFAULT_RECIPE, RECIPES, merge, recipe_values
 from fasthpa.runtime import AMP_CHOICES, COMPILE_MODES, LR_SCHEDULES
 from fasthpa.weights import ARCHS
 
 
-def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A dataclass field carrying its CLI help (and choices) as metadata."""
+def _f(default: Any, help: str, choices: tuple | None = None, const: Any = None) -> Any:
+    """A dataclass field carrying its CLI help (and choices) as metadata; ``const``: the value
+    of the flag given without one (``--tensorboard`` alone)."""
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None}
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata=meta | {"const": const})
 
 
 def _flag(name: str) -> str:
@@ -208,6 +210,12 @@ class SpeedConfig:
 @dataclass
 class RunConfig:
     out: str = _f("runs/hpa", "run folder: config, checkpoints, history, thresholds")
+    recipe: str = _f(
+        "reference",
+        "the recipe whose defaults this run started from (fasthpa.recipes; the command line "
+        f"uses {DEFAULT_RECIPE!r} unless told otherwise)",
+        tuple(RECIPES),
+    )
     epochs: int = _f(10, "training epochs")
     batch_size: int = _f(8, "batch size per device (the reference recipe used 8)")
     seed: int = _f(0, "seed for the split, initialisation, shuffling and augmentation")
@@ -221,6 +229,12 @@ class RunConfig:
     eval_every: int = _f(1, "evaluate on dev every N epochs (and always after the last)")
     max_steps: int | None = _f(None, "stop after this many optimiser steps in total (smoke runs)")
     progress: bool = _f(True, "rich progress bar on rank 0")
+    tensorboard: str | None = _f(
+        None,
+        "write TensorBoard event files (rank 0, log steps only) to this folder; the flag alone: "
+        "RUN/tb. Needs the tensorboard package (pip install 'fasthpa[tensorboard]')",
+        const="RUN/tb",
+    )
     noise_scale: bool = _f(
         False,
         "measure the gradient noise scale B_simple (McCandlish et al. 2018) on log steps; needs "
@@ -228,6 +242,7 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         for name in ("epochs", "batch_size", "log_every", "eval_every", "max_steps"):
             _check_range(self, name, 1)
         _check_range(self, "checkpoint_every", 0)
@@ -306,12 +321,25 @@ def _converter(tp: Any, nullable: bool, flag: str):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per config field, grouped by section, with the field's help and default.
+    """Add ``--config FILE`` and one flag per config field, grouped by section, with the
+    field's help and default.
 
     Flags default to "not given" (argparse.SUPPRESS), so the parsed namespace holds exactly the
     flags on the command line: :func:`config_from_args` fills in the rest and reports which
     were explicit, without a second parser.
     """
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="a TOML file of settings (sections [data] [model] [loss] [optim] [speed] [run]) or "
+        "a run's config.json; flags given override it",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as TOML and exit",
+    )
     for name, sub_cls in _sections():
         group = parser.add_argument_group(name)
         hints = typing.get_type_hints(sub_cls)
@@ -326,20 +354,47 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 kw["choices"] = f.metadata["choices"]
             else:
                 kw.update(type=_converter(tp, nullable, _flag(f.name)), metavar=f.name.upper())
+            if f.metadata.get("const") is not None:
+                kw.update(nargs="?", const=f.metadata["const"])
             group.add_argument(_flag(f.name), **kw)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
-    """Build (and so validate) a TrainConfig from parsed flags; also return the explicit ones
-    as ``{"section.field", ...}``."""
-    values: dict[str, dict[str, Any]] = {}
-    explicit = set()
+    """Build (and so validate) a TrainConfig from parsed flags over ``--config FILE`` over the
+    recipe (fasthpa.recipes); also return the fields set explicitly (by the file or a flag) as
+    ``{"section.field", ...}``."""
+    from fasthpa.configfile import read_config_file
+
+    flags: dict[str, dict[str, Any]] = {}
     for key, value in vars(args).items():
         if "." in key:
             section, name = key.split(".", 1)
-            values.setdefault(section, {})[name] = value
-            explicit.add(key)
-    return TrainConfig.from_dict(values), explicit
+            flags.setdefault(section, {})[name] = value
+    path = getattr(args, "config", None)
+    file = read_config_file(path, dict(_sections())) if path else {}
+    if file:
+        try:  # the file's own values, checked before flags can hide them: errors name it
+            _with_recipe(file)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+    given = merge(file, flags)
+    explicit = {f"{s}.{n}" for s, fields in given.items() for n in fields}
+    return _with_recipe(given), explicit
+
+
+def _with_recipe(given: dict[str, dict[str, Any]]) -> TrainConfig:
+    """The config of the values ``given`` over their recipe's (the default one if unnamed)."""
+    recipe = given.get("run", {}).get("recipe", DEFAULT_RECIPE)
+    if recipe not in RECIPES:
+        raise UserError(f"--recipe {recipe!r}: must be one of {', '.join(RECIPES)}.")
+    return TrainConfig.from_dict(merge(recipe_values(recipe), given, {"run": {"recipe": recipe}}))
+
+
+def print_config(cfg: TrainConfig) -> None:
+    """The resolved config as TOML on stdout (``--print-config``)."""
+    from fasthpa.configfile import to_toml
+
+    print(to_toml(cfg.to_dict()), end="")
 
 
 def save_config(path: str | Path, cfg: TrainConfig) -> None:

@@ -22,6 +22,18 @@ class UserError(Exception):
     """
 
 
+class CarriedError:
+    """A UserError travelling as a value across a process boundary (what a DataLoader worker
+    returns instead of raising, which torch would wrap in its worker's traceback); the
+    receiving side calls :meth:`reraise` and the user sees the original one line."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def reraise(self) -> None:
+        raise UserError(self.message)
+
+
 def exit_on_user_error(fn: F) -> F:
     """Decorate a CLI entry point: a UserError becomes one line on stderr and exit status 2."""
 

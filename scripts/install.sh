@@ -22,9 +22,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 
-extras="test"
+extras="test,tensorboard"
 if [ "$(uname -s)" = "Linux" ] && [ "$(uname -m)" = "x86_64" ] && [ "${FASTHPA_NO_DALI:-0}" != "1" ]; then
-    extras="test,dali"
+    extras="test,tensorboard,dali"
 fi
 
 stamp="$VENV/.fasthpa-install-stamp"
@@ -38,10 +38,10 @@ echo "[install] torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION, fasthpa
 "$PY" -m pip install --quiet --upgrade pip
 "$PY" -m pip install --quiet "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 if ! "$PY" -m pip install --quiet -e ".[$extras]"; then
-    if [ "$extras" != "test" ]; then
+    if [ "$extras" != "test,tensorboard" ]; then
         echo "[install] NVIDIA DALI could not be installed; continuing without it (the PyTorch loader is used)."
-        extras="test"
-        "$PY" -m pip install --quiet -e ".[test]"
+        extras="test,tensorboard"
+        "$PY" -m pip install --quiet -e ".[test,tensorboard]"
     else
         exit 1
     fi

@@ -256,7 +256,8 @@ def test_batch_f1_command_is_a_valid_trainer_command(tmp_path):
     # the B_simple run: two micro-batches of half the batch, at the lr of the whole batch
     noise = batch_f1.noise_command(opts, tmp_path / "data", tmp_path / "n", 32, "0.8,0.2,0", 3)
     assert noise[-1] == batch_f1.NOISE_FLAG
-    cfg = config_from_args(parser.parse_args(noise[3:-1]))  # the flag is not the trainer's yet
+    cfg, _ = config_from_args(parser.parse_args(noise[3:]))
+    assert cfg.run.noise_scale
     assert (cfg.run.batch_size, cfg.optim.grad_accum, cfg.run.seed) == (16, 2, 3)
     assert cfg.optim.lr == pytest.approx(1e-3 * math.sqrt(32 / 8))
 

@@ -54,7 +54,14 @@ def test_built_wheel_holds_fasthpa_kernels_and_imports(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "fasthpa/kernels/__init__.py" in names and "fasthpa/kernels/reference.py" in names
     assert not any(n.startswith("kernels/") for n in names)
-    assert "fasthpa/data/loader.py" in names
+    for module in (
+        "data/loader.py",
+        "train/loop.py",
+        "cv/folds.py",
+        "thresholds/search.py",
+        "predict/submit.py",
+    ):
+        assert f"fasthpa/{module}" in names, module
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from fasthpa.config import add_config_arguments, config_from_args
+from fasthpa.config import add_config_arguments, config_from_args, print_config
 from fasthpa.cv.folds import run_cv
 from fasthpa.errors import UserError, module_main
 from fasthpa.train import TrainHooks
@@ -24,6 +24,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, hooks: TrainHooks | None = None) -> int:
     cfg, explicit = config_from_args(args)
+    if args.print_config:
+        print_config(cfg)
+        return 0
     if "run.out" not in explicit:
         raise UserError("--out is required: the cross-validation folder (it holds the fold runs).")
     run_cv(cfg, args.folds, explicit=explicit, hooks=hooks)

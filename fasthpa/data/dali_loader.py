@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from fasthpa.data.contract import LoaderSpec, lookup_labels, targets_on_device
-from fasthpa.data.dataset import decode_png
+from fasthpa.data.dataset import check_png_chunks, decode_png
 from fasthpa.data.pack import read_lz4, read_lz4_file, read_packed
 from fasthpa.errors import UserError
 
@@ -98,6 +98,7 @@ def read_encoded(path: Path, packed: bool) -> np.ndarray:
     except FileNotFoundError:
         raise UserError(f"{path}: file not found.") from None
     if png_kind(data) == ((8, _RGBA) if packed else (8, _GRAY)):
+        check_png_chunks(data, path)  # DALI's decoder does not name a damaged file
         return data
     return _encode_png(read_packed(path) if packed else decode_png(path))
 
@@ -357,8 +358,8 @@ class DaliBatchLoader:
         spec, dev = self.spec, self.spec.device
         self._start_epoch()
         self.finished = False
-        for _ in range(spec.batches()):
-            images_tl, rows_tl = self.pipe.run()
+        for step in range(spec.batches()):
+            images_tl, rows_tl = self._run(step)
             rows = self._to_torch(rows_tl).view(-1).to(dev, non_blocking=True)
             images = self._to_torch(images_tl, rows)
             if images.dtype != spec.dtype:
@@ -367,6 +368,22 @@ class DaliBatchLoader:
             yield images.permute(0, 3, 1, 2), labels, rows
         self._drain()  # the feeder's StopIteration: the pipeline is ready for reset
         self.finished = True
+
+    def _run(self, step: int):
+        """One batch out of the pipeline; a decode failure inside DALI (whose message does not
+        name the file) becomes one line naming the rows of the batches in flight."""
+        try:
+            return self.pipe.run()
+        except RuntimeError as e:
+            plan = self.spec.plan(self.epoch)
+            rows = [int(r) for r in plan[step : step + 2].ravel() if r >= 0]
+            first = self.spec.source.sample_paths(rows[0], 1)[0] if rows else "?"
+            reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:200]
+            raise UserError(
+                f"DALI could not decode a file of epoch {self.epoch}, batch {step} or the next "
+                f"(rows {rows[0] if rows else '?'}-{rows[-1] if rows else '?'}, first {first}): "
+                f"{reason}; `fasthpa check --decode-all` names the file."
+            ) from None
 
     def _to_torch(self, tl, rows: torch.Tensor | None = None) -> torch.Tensor:
         """A DALI TensorList as a torch tensor on the device it was produced on."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,6 +258,10 @@ def decode_png(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as img:
+            if img.format != "PNG":  # PIL reads by content: a JPEG named .png would decode lossily
+                raise UserError(
+                    f"{path}: is a {img.format} file, not a PNG; lossy data is rejected."
+                )
             img.load()
             mode = img.mode
             if mode == "P":
@@ -265,9 +270,35 @@ def decode_png(path: str | os.PathLike) -> np.ndarray:
             arr = np.asarray(img)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found.") from None
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{path}: too many pixels to decode safely ({e}).") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"{path}: not a readable PNG ({e}).") from None
     return _to_gray8(arr, mode, path)
+
+
+def check_png_chunks(data: bytes | memoryview, path: str | os.PathLike) -> None:
+    """Walk a PNG's chunks and check each one's CRC-32 (a few GB/s): a damaged file is a
+    UserError naming ``path``, found before a decoder that does not name files (DALI) sees it."""
+    data = memoryview(data)
+    pos, n = 8, len(data)
+    while pos + 12 <= n:
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        end = pos + 12 + length
+        if end > n:
+            break
+        kind = bytes(data[pos + 4 : pos + 8])
+        crc = int.from_bytes(data[end - 4 : end], "big")
+        if zlib.crc32(data[pos + 4 : end - 4]) != crc:
+            name = kind.decode("latin-1")
+            raise UserError(
+                f"{path}: not a readable PNG (chunk {name} fails its CRC check: the file is "
+                f"damaged)."
+            )
+        if kind == b"IEND":
+            return
+        pos = end
+    raise UserError(f"{path}: not a readable PNG (truncated: no IEND chunk).")
 
 
 def load_sample(image_dir: str | os.PathLike, sample_id: str, channels=CHANNELS) -> np.ndarray:

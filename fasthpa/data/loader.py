@@ -40,6 +40,7 @@ Call::
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,22 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["build_loader", "dali_available", "choose_backend"]
+
+
+def cap_workers(workers: int, rank: int = 0) -> int:
+    """``workers`` capped to the CPU cores this process may use, with a one-line note (rank 0):
+    more decode processes than cores only add memory and switching, and a thousand of them
+    can exhaust the machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    if workers > cores:
+        if rank == 0:
+            print(
+                f"note: --workers {workers} is more than the {cores} CPU cores here; using {cores}.",
+                file=sys.stderr,
+            )
+        return cores
+    return max(0, workers)
 
 
 def dali_available() -> bool:
@@ -136,7 +153,7 @@ def build_loader(
         source=source, indices=indices, train=train, batch_size=batch_size, channels=n_channels,
         image_size=image_size, side=h, crop=crop, augment=augment,
         stats=stats.select(n_channels), device=device, dtype=dtype, rank=rank,
-        world_size=world_size, seed=seed, workers=max(0, workers),
+        world_size=world_size, seed=seed, workers=cap_workers(workers, rank),
     )  # fmt: skip
     spec.plan(0)  # validates rank and batch size now rather than on the first epoch
     return _build(spec, backend)

@@ -161,6 +161,32 @@ def parse_lz4(path: str | os.PathLike, data: bytes) -> Lz4Header:
     return Lz4Header(LZ4_LAYOUTS[layout], c, h, w, tuple(sizes), offset)
 
 
+def peek_lz4(path: str | os.PathLike) -> tuple[int, int, int]:
+    """(channels, height, width) from one ``.lz4`` file's header, checking the magic and that
+    the file is as long as the header says, without reading the pixel blocks (the preflight;
+    the checksum is checked when the file is decoded)."""
+    path = Path(path)
+    pre, fields = _LZ4_PREFIX.size, _LZ4_FIELDS.size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(pre + fields + 4 * 16)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror}).") from None
+    if len(head) < pre + fields or head[:8] != _LZ4_MAGIC:
+        raise _lz4_corrupt(path, "not a fasthpa LZ4 file: bad magic or too short")
+    version, layout, c, h, w, n = _LZ4_FIELDS.unpack_from(head, pre)
+    if version != _LZ4_VERSION or layout >= len(LZ4_LAYOUTS) or n != (c if layout == 0 else 1):
+        raise _lz4_corrupt(path, f"unknown version {version}, layout {layout} or {n} blocks")
+    if len(head) < pre + fields + 4 * n:
+        raise _lz4_corrupt(path, f"truncated: {size} bytes")
+    total = pre + fields + 4 * n + sum(struct.unpack_from(f"<{n}I", head, pre + fields))
+    if size != total:
+        what = "truncated" if size < total else "trailing bytes"
+        raise _lz4_corrupt(path, f"{what}: {size} bytes where the header says {total}")
+    return c, h, w
+
+
 def read_lz4_file(path: str | os.PathLike) -> tuple[bytes, Lz4Header]:
     """The checked bytes and header of one ``.lz4`` sample file (what the GPU inflate is fed)."""
     try:
@@ -201,22 +227,35 @@ def read_lz4(path: str | os.PathLike, channels: int | None = None) -> np.ndarray
 def read_packed(path: str | os.PathLike) -> np.ndarray:
     """Read one packed file (.png RGBA, .npy or .lz4) into uint8 [H, W, 4]."""
     path = Path(path)
-    if path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
-    elif path.suffix == ".lz4":
-        arr = read_lz4(path)
-    else:
-        from PIL import Image
-
-        with Image.open(path) as img:
-            if img.mode != "RGBA":
-                raise UserError(f"{path}: packed PNG is {img.mode}, expected RGBA.")
-            arr = np.asarray(img)
+    try:
+        arr = _read_packed(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found.") from None
+    except (OSError, ValueError, EOFError, SyntaxError) as e:
+        raise UserError(f"{path}: not a readable packed sample ({e}).") from None
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 4:
         raise UserError(
             f"{path}: packed sample has shape {arr.shape} {arr.dtype}, expected [H, W, 4] uint8."
         )
     return arr
+
+
+def _read_packed(path: Path) -> np.ndarray:
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if path.suffix == ".lz4":
+        return read_lz4(path)
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.format != "PNG" or img.mode != "RGBA":
+                raise UserError(
+                    f"{path}: packed file is {img.format} {img.mode}, expected an RGBA PNG."
+                )
+            return np.asarray(img)
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{path}: too many pixels to decode safely ({e}).") from None
 
 
 def check_packed_file(

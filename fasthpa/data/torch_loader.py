@@ -24,7 +24,7 @@ import torch
 from fasthpa.data.contract import LoaderSpec, lookup_labels, normalise, targets_on_device
 from fasthpa.data.pack import resize_sample
 from fasthpa.data.source import read_sample
-from fasthpa.errors import UserError
+from fasthpa.errors import CarriedError, UserError
 
 
 class _BatchReader(torch.utils.data.Dataset):
@@ -71,7 +71,12 @@ class _BatchReader(torch.utils.data.Dataset):
         return img
 
     def __getitem__(self, job: tuple[np.ndarray, np.ndarray]):
-        rows, draws = job
+        try:
+            return self._batch(*job)
+        except UserError as e:  # crosses to the main process as its one line (see __iter__)
+            return CarriedError(str(e))
+
+    def _batch(self, rows: np.ndarray, draws: np.ndarray):
         imgs = [self.load(int(r) if r >= 0 else self.pad_row, d) for r, d in zip(rows, draws)]
         # the one copy, through the flipped views, into C order (np.stack alone would keep the
         # transposed views' memory order)
@@ -126,6 +131,17 @@ def augment_and_normalise(
     return normalise(augment_on_device(pixels, draws, spec), spec)
 
 
+def ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 (DataLoader's signature)
+    """In each worker: leave SIGINT/SIGTERM to the main process. A scheduler or a Ctrl-C sends
+    them to the whole process group; a worker that died of them first would take the main
+    process down with a traceback before it could save its checkpoint. The workers exit when
+    the main process shuts the loader down (or dies: they watch their parent)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class TorchBatchLoader:
     """PyTorch DataLoader backend; see the module docstring. Build with ``build_loader``."""
 
@@ -143,10 +159,15 @@ class TorchBatchLoader:
         if spec.workers > 0:
             # two batches in flight per worker keep the device fed without hoarding memory
             kwargs = {"persistent_workers": True, "prefetch_factor": 2}
+            kwargs["worker_init_fn"] = ignore_stop_signals
         self.loader = torch.utils.data.DataLoader(
-            reader, batch_size=None, sampler=self.sampler,
-            num_workers=spec.workers, pin_memory=cuda, **kwargs,
-        )  # fmt: skip
+            reader,
+            batch_size=None,
+            sampler=self.sampler,
+            num_workers=spec.workers,
+            pin_memory=cuda,
+            **kwargs,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = int(epoch)
@@ -156,7 +177,10 @@ class TorchBatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         spec, dev = self.spec, self.spec.device
-        for pixels, rows, draws in self.loader:
+        for item in self.loader:
+            if isinstance(item, CarriedError):
+                item.reraise()
+            pixels, rows, draws = item
             rows = rows.to(dev, non_blocking=True)
             if self.finish_in_worker:
                 images = pixels  # already [B, C, H, W] channels_last, normalised

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fasthpa.distributed import DistInfo, cleanup, init_distributed
+from fasthpa.data.preflight import preflight
+from fasthpa.distributed import DistInfo, check_every_rank, cleanup, init_distributed
 from fasthpa.errors import UserError
 from fasthpa.predict.inputs import expand_runs, load_run_config, load_run_inputs, select_rows
 from fasthpa.predict.predictor import build_predictors
@@ -121,6 +122,12 @@ def run_request(request: PredictRequest, info: DistInfo) -> PredictResult | None
         request.packed,
     )
     _check_members(members, configs)
+    check_every_rank(
+        lambda: (
+            info.local_rank or preflight(rows.source, range(len(rows.ids)), configs[0].in_channels)
+        ),
+        info,
+    )
     runs = [
         load_run_inputs(m, request.checkpoint, request.thresholds or default_thr) for m in members
     ]

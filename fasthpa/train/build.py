@@ -25,6 +25,7 @@ from torch import nn
 from fasthpa.config import TrainConfig, parse_fold
 from fasthpa.data.contract import AugmentConfig, BatchLoader
 from fasthpa.data.loader import build_loader
+from fasthpa.data.preflight import preflight
 from fasthpa.data.source import DataSource, open_source
 from fasthpa.data.splits import (
     fold_split,
@@ -209,6 +210,9 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> DataParts:
             f"--split {cfg.data.split}: the dev part is empty; thresholds and F1 need one."
         )
     stats = decide_on_main(lambda: _stats(cfg, run_dir, source, train_idx), info)
+    # every file the run will read, checked before training (one local rank per node)
+    rows = np.concatenate([train_idx, dev_idx, test_idx])
+    check_every_rank(lambda: info.local_rank or preflight(source, rows, cfg.in_channels), info)
     return DataParts(source, train_idx, dev_idx, test_idx, stats)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from fasthpa.config import add_config_arguments, config_from_args
+from fasthpa.config import add_config_arguments, config_from_args, print_config
 from fasthpa.errors import module_main
 from fasthpa.train.trainer import TrainHooks, train
 
@@ -19,6 +19,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, hooks: TrainHooks | None = None) -> int:
     cfg, explicit = config_from_args(args)
+    if args.print_config:
+        print_config(cfg)
+        return 0
     train(cfg, explicit=explicit, hooks=hooks)
     return 0
 

@@ -13,19 +13,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fasthpa.errors import UserError
 from fasthpa.io import atomic_write_text
 
 
 @dataclass
 class History:
     path: Path | None
+    tensorboard: Any = None
+    """a fasthpa.train.tensorboard.TensorBoardLog that gets every row too (``--tensorboard``)"""
 
     def log(self, **row: Any) -> None:
         if self.path is None:
             return
         row = {"time": round(time.time(), 3), **row}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot write it ({e.strerror}).") from None
+        if self.tensorboard is not None:
+            self.tensorboard.add_row(row)
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after the checkpoint we resume from (they will be logged again)."""

@@ -33,6 +33,7 @@ from fasthpa.train.meter import StepMeter
 from fasthpa.train.progress import EpochProgress
 from fasthpa.train.restore import TrainState, restore
 from fasthpa.train.step import LossHook
+from fasthpa.train.tensorboard import TensorBoardLog, summary_writer_class
 
 
 @dataclass
@@ -128,22 +129,33 @@ def _run(start: Start, hooks: TrainHooks, info: DistInfo, stop: StopFlag) -> Tra
     run.wrap()
     parts = _loop_parts(run, state, hooks)
     _record_start(run)
-    stopped = fit(run, state, parts, stop)
-    if stopped is not None:
-        message = (
-            f"{stopped}; checkpoint saved to {run.run_dir / 'last.pt'}. Run the same command "
-            f"(or --resume {run.run_dir}) to continue."
-        )
-        run.say(message)
-        return TrainResult("stopped", run.run_dir, state.step, state.best_f1, message)
-    final = _finish(run, state, parts.evaluator)
-    return TrainResult("finished", run.run_dir, state.step, state.best_f1, final=final)
+    final: dict[str, Any] = {}
+    try:
+        stopped = fit(run, state, parts, stop)
+        if stopped is not None:
+            message = (
+                f"{stopped}; checkpoint saved to {run.run_dir / 'last.pt'}. Run the same command "
+                f"(or --resume {run.run_dir}) to continue."
+            )
+            run.say(message)
+            return TrainResult("stopped", run.run_dir, state.step, state.best_f1, message)
+        final = _finish(run, state, parts.evaluator)
+        return TrainResult("finished", run.run_dir, state.step, state.best_f1, final=final)
+    finally:
+        if parts.history.tensorboard is not None:
+            parts.history.tensorboard.close(run.cfg.to_dict(), final)
 
 
 def _loop_parts(run: Run, state: TrainState, hooks: TrainHooks) -> LoopParts:
     history = History(run.run_dir / "history.jsonl" if run.info.is_main else None)
     if run.resuming:
         history.truncate_after(state.step)
+    if run.cfg.run.tensorboard is not None:
+        decide_on_main(lambda: summary_writer_class() and None, run.info)  # installed?
+        if run.info.is_main:
+            where = run.cfg.run.tensorboard
+            log_dir = run.run_dir / "tb" if where == "RUN/tb" else Path(where)
+            history.tensorboard = TensorBoardLog(log_dir, state.step if run.resuming else None)
     progress = EpochProgress(enabled=run.info.is_main and run.cfg.run.progress)
     checkpointer = Checkpointer(run)
     checkpointer.remove_stale_temporaries()
