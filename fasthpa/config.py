@@ -117,12 +117,23 @@ class DataConfig:
         BACKENDS,
     )
     workers: int = _f(4, "loader worker processes / DALI CPU threads per rank")
+    balance: float = _f(
+        0.0,
+        "label-aware sampling: an image holding a label rarer than this training frequency is "
+        "drawn (this / frequency) ** --balance-power times per epoch (the epoch keeps its "
+        "length); 0: off",
+    )
+    balance_power: float = _f(
+        0.5, "exponent of the label-aware repeat factor (0.5: its square root)"
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
         _check_range(self, "image_size", 16)
         _check_range(self, "random_crop", 8, self.image_size)
         _check_range(self, "workers", 0)
+        _check_range(self, "balance", 0.0, 1.0)
+        _check_range(self, "balance_power", 0.0, 4.0)
         if self.fold is not None:
             parse_fold(self.fold)
 

@@ -27,7 +27,10 @@ import sys
 from pathlib import Path
 
 # modules the code guards (a missing one changes what runs, not whether it runs)
-OPTIONAL = {"nvidia.dali": "DALI: the loaders fall back to the PyTorch twin, its tests skip"}
+OPTIONAL = {
+    "nvidia.dali": "DALI: the loaders fall back to the PyTorch twin, its tests skip",
+    "tomli": "only on Python < 3.11, where tomllib is not in the standard library",
+}
 SCANNED = ("fasthpa", "kernels", "benchmarks", "tests")
 BENCHMARKS = ("throughput", "losses", "thresholds", "loader")  # the scripts gpu_check.sh runs
 

@@ -122,6 +122,8 @@ class LoaderSpec:
     world_size: int
     seed: int
     workers: int
+    repeat: np.ndarray | None = None
+    """train only: label-aware sampling factors, one per index (:func:`epoch_plan`)"""
 
     @property
     def out_side(self) -> int:
@@ -154,6 +156,7 @@ class LoaderSpec:
             world_size=self.world_size,
             seed=self.seed,
             epoch=epoch,
+            repeat=self.repeat if self.train else None,
         )
 
     def batches(self) -> int:

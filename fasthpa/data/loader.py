@@ -105,6 +105,7 @@ def build_loader(
     seed: int = 0,
     workers: int = 2,
     backend: str = "auto",
+    repeat: np.ndarray | None = None,
 ) -> BatchLoader:
     """Build the batch loader for rows ``indices`` of ``source``; see the module docstring.
 
@@ -153,7 +154,7 @@ def build_loader(
         source=source, indices=indices, train=train, batch_size=batch_size, channels=n_channels,
         image_size=image_size, side=h, crop=crop, augment=augment,
         stats=stats.select(n_channels), device=device, dtype=dtype, rank=rank,
-        world_size=world_size, seed=seed, workers=cap_workers(workers, rank),
+        world_size=world_size, seed=seed, workers=cap_workers(workers, rank), repeat=repeat,
     )  # fmt: skip
     spec.plan(0)  # validates rank and batch size now rather than on the first epoch
     return _build(spec, backend)

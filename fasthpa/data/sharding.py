@@ -36,6 +36,7 @@ from fasthpa.errors import UserError
 # Distinct stream tags keep the permutation and the augmentation draws independent.
 _PERMUTATION_STREAM = 0x5EED
 _AUGMENT_STREAM = 0xA06
+_REPEAT_STREAM = 0x4E9
 
 
 def num_batches(n: int, *, train: bool, batch_size: int, world_size: int) -> int:
@@ -59,10 +60,15 @@ def epoch_plan(
     world_size: int = 1,
     seed: int = 0,
     epoch: int = 0,
+    repeat: np.ndarray | None = None,
 ) -> np.ndarray:
     """The rows this rank reads in ``epoch``: int64 [batches, batch_size], ``-1`` = padding.
 
-    See the module docstring for the rule. Raises UserError when training would yield no batch.
+    See the module docstring for the rule. ``repeat`` (train only; float >= 1 per index) is
+    label-aware sampling: index i enters the epoch's pool floor(r_i) times, once more with
+    probability frac(r_i) (seeded by (seed, epoch)), and the shuffled pool is cut to the
+    epoch's usual length, so rare images come round more often at the same cost per epoch.
+    Raises UserError when training would yield no batch.
     """
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     if not 0 <= rank < world_size:
@@ -75,13 +81,39 @@ def epoch_plan(
                 f"--batch-size {batch_size}: the {n} training rows give no full batch on each of "
                 f"{world_size} rank(s); lower --batch-size."
             )
+        pool = indices if repeat is None else _repeated(indices, repeat, seed, epoch)
         rng = np.random.default_rng([seed, epoch, _PERMUTATION_STREAM])
-        perm = indices[rng.permutation(n)][: nb * world_size * batch_size]
+        perm = pool[rng.permutation(len(pool))][: nb * world_size * batch_size]
         return perm.reshape(nb, world_size, batch_size)[:, rank, :].copy()
     mine = indices[rank::world_size]
     out = np.full(nb * batch_size, -1, dtype=np.int64)
     out[: len(mine)] = mine
     return out.reshape(nb, batch_size)
+
+
+def _repeated(indices: np.ndarray, repeat: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    repeat = np.asarray(repeat, dtype=np.float64).reshape(-1)
+    assert repeat.shape == indices.shape and (repeat >= 1).all(), "one repeat factor >= 1 per row"
+    whole = np.floor(repeat)
+    extra = np.random.default_rng([seed, epoch, _REPEAT_STREAM]).random(len(repeat))
+    return np.repeat(indices, (whole + (extra < repeat - whole)).astype(np.int64))
+
+
+def repeat_factors(targets: np.ndarray, below: float, power: float = 0.5) -> np.ndarray:
+    """Label-aware sampling factors for the rows of ``targets`` (uint8 [N, L]): a row holding a
+    label of training frequency f < ``below`` repeats max((below / f) ** power) times (the
+    repeat-factor sampling of Gupta et al. 2019, LVIS, with the square root by default), others
+    once. ``below`` 0 turns it off (all ones)."""
+    targets = np.asarray(targets)
+    factors = np.ones(len(targets))
+    if below <= 0 or len(targets) == 0:
+        return factors
+    freq = targets.mean(axis=0)
+    per_label = np.where(
+        (freq > 0) & (freq < below), (below / np.maximum(freq, 1e-12)) ** power, 1.0
+    )
+    held = targets.astype(bool)
+    return np.maximum(factors, np.where(held, per_label[None, :], 1.0).max(axis=1, initial=1.0))
 
 
 @dataclass(frozen=True)

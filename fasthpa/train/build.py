@@ -26,6 +26,7 @@ from fasthpa.config import TrainConfig, parse_fold
 from fasthpa.data.contract import AugmentConfig, BatchLoader
 from fasthpa.data.loader import build_loader
 from fasthpa.data.preflight import preflight
+from fasthpa.data.sharding import repeat_factors
 from fasthpa.data.source import DataSource, open_source
 from fasthpa.data.splits import (
     fold_split,
@@ -249,7 +250,12 @@ def part_loader(
     amp: torch.dtype | None,
     info: DistInfo,
 ) -> BatchLoader:
-    """The loader over ``rows`` of the dataset for this rank, as the config asks."""
+    """The loader over ``rows`` of the dataset for this rank, as the config asks (training
+    rows drawn label-aware with ``--balance``)."""
+    d = cfg.data
+    repeat = None
+    if train and d.balance > 0:
+        repeat = repeat_factors(data.targets[rows], d.balance, d.balance_power)
     return build_loader(
         data.source,
         rows,
@@ -266,6 +272,7 @@ def part_loader(
         seed=cfg.run.seed,
         workers=cfg.data.workers,
         backend=cfg.data.loader,
+        repeat=repeat,
     )
 
 

@@ -194,7 +194,7 @@ def _record_start(run: Run) -> None:
     atomic_write_json(run.run_dir / "env.json", env)
     d = run.data
     where = env["data_placement"]["train"] or {}
-    held = f" in {where['where']}" if where.get("where") else ""
+    held = f" in {where['where']}" if where.get("where") not in (None, "streamed") else ""
     if where.get("bytes"):
         held += f" ({where['bytes'] / 2**30:.2f} GiB)"
     run.say(
