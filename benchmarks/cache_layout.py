@@ -102,12 +102,18 @@ def main(argv: list[str] | None = None) -> int:
                 read()
                 warm.append(time.perf_counter() - t0)
             med = float(np.median(warm))
-            rows.append({
-                "layout": name, "samples": args.n, "size": args.size,
-                "cold_samples_per_s": args.n / cold, "cold_page_cache_dropped": dropped,
-                "warm_samples_per_s": args.n / med, "warm_MiB_per_s": mib / med,
-                "warm_spread": (max(warm) - min(warm)) / med,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "layout": name,
+                    "samples": args.n,
+                    "size": args.size,
+                    "cold_samples_per_s": args.n / cold,
+                    "cold_page_cache_dropped": dropped,
+                    "warm_samples_per_s": args.n / med,
+                    "warm_MiB_per_s": mib / med,
+                    "warm_spread": (max(warm) - min(warm)) / med,
+                }
+            )
         base = rows[0]["warm_samples_per_s"]
         for r in rows:
             r["warm_x_per_sample"] = r["warm_samples_per_s"] / base

@@ -186,9 +186,10 @@ def print_rows(title: str, rows: list[dict[str, Any]], columns: list[str], digit
     for r in rows:
         t.add_row(
             *(
-                "-" if r.get(c) is None
+                "-"
+                if r.get(c) is None
                 else (f"{r[c]:.{digits}g}" if isinstance(r[c], float) else str(r[c]))
                 for c in columns
             )
-        )  # fmt: skip
+        )
     wide_console().print(t)

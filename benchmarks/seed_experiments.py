@@ -165,11 +165,31 @@ def train_in_process(argv: list[str], log_path: Path) -> tuple[int, float, str]:
 
 def base_flags(opts: Options, full_size: int, epochs: int, split: str) -> list[str]:
     flags = [
-        "--epochs", str(epochs), "--batch-size", str(opts.batch_size), "--lr", repr(opts.lr),
-        "--image-size", str(full_size), "--split", split, "--seed", str(opts.seed),
-        "--device", opts.device, "--pretrained", opts.pretrained, "--loss", "bce",
-        "--head", "avgpool", "--channels", "rgby", "--no-freeze-backbone", "--no-progress",
-    ]  # fmt: skip
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        str(opts.batch_size),
+        "--lr",
+        repr(opts.lr),
+        "--image-size",
+        str(full_size),
+        "--split",
+        split,
+        "--seed",
+        str(opts.seed),
+        "--device",
+        opts.device,
+        "--pretrained",
+        opts.pretrained,
+        "--loss",
+        "bce",
+        "--head",
+        "avgpool",
+        "--channels",
+        "rgby",
+        "--no-freeze-backbone",
+        "--no-progress",
+    ]
     if opts.workers is not None:
         flags += ["--workers", str(opts.workers)]
     if opts.loader:
@@ -233,10 +253,22 @@ def frequency_bands(labels: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 ROW_COLUMNS = [
-    "experiment", "group", "varies", "status", "pretrained", "image_size", "epochs", "train_loss",
-    "dev_f1_at_0.5", "dev_f1_tuned", "tuning_gain", "test_f1_at_0.5", "test_f1_tuned",
-    "images_per_s", "wall_s",
-]  # fmt: skip
+    "experiment",
+    "group",
+    "varies",
+    "status",
+    "pretrained",
+    "image_size",
+    "epochs",
+    "train_loss",
+    "dev_f1_at_0.5",
+    "dev_f1_tuned",
+    "tuning_gain",
+    "test_f1_at_0.5",
+    "test_f1_tuned",
+    "images_per_s",
+    "wall_s",
+]
 
 
 def assemble(
@@ -250,9 +282,18 @@ def assemble(
         shown = [by_name[n] for n in names if n in by_name]
         return markdown_table(
             shown,
-            ["experiment", "varies", "dev_f1_at_0.5", "dev_f1_tuned", "test_f1_at_0.5",
-             "test_f1_tuned", "train_loss", "images_per_s", "status"],
-        )  # fmt: skip
+            [
+                "experiment",
+                "varies",
+                "dev_f1_at_0.5",
+                "dev_f1_tuned",
+                "test_f1_at_0.5",
+                "test_f1_tuned",
+                "train_loss",
+                "images_per_s",
+                "status",
+            ],
+        )
 
     parts = [
         f"# The reference report's experiments, re-run with fasthpa ({meta['mode']})",
@@ -299,7 +340,7 @@ def assemble(
                 "test_f1_at_0.5",
                 "test_f1_tuned",
             ],
-        ),  # fmt: skip
+        ),
         "",
         "## All runs",
         "",
@@ -445,8 +486,16 @@ def run_experiments(opts: Options) -> dict[str, Any]:
 
 
 def _print(rows: list[dict[str, Any]], out: Path) -> None:
-    cols = ["experiment", "status", "dev_f1_at_0.5", "dev_f1_tuned", "test_f1_at_0.5",
-            "test_f1_tuned", "images_per_s", "wall_s"]  # fmt: skip
+    cols = [
+        "experiment",
+        "status",
+        "dev_f1_at_0.5",
+        "dev_f1_tuned",
+        "test_f1_at_0.5",
+        "test_f1_tuned",
+        "images_per_s",
+        "wall_s",
+    ]
     print_rows(f"reference experiments -> {out / 'comparison.md'}", rows, cols)
 
 

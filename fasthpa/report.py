@@ -660,45 +660,26 @@ def _markdown(runs, summaries, plots, labels, out: Path) -> str:
         "",
     ]
     for run in runs:
-        if not run.has_dev:
-            continue
-        thr = np.asarray(run.thresholds["thresholds"])
-        counts = confusion_counts(run.dev_probs, run.dev_labels, thr)
-        f05 = run.thresholds["f1_at_0.5"]
-        ft = run.thresholds["f1_tuned"]
-        freq = run.frequency if run.frequency is not None else [None] * NUM_LABELS
-        parts += [
-            f"### `{run.name}`",
-            "",
-            _table(
-                [
-                    "label",
-                    "name",
-                    "train freq",
-                    "threshold",
-                    "TP",
-                    "FP",
-                    "FN",
-                    "TN",
-                    "F1 @0.5",
-                    "F1 tuned",
-                ],
-                [
-                    [
-                        i,
-                        LABEL_NAMES[i],
-                        None if freq[i] is None else float(freq[i]),
-                        float(thr[i]),
-                        *counts[i].tolist(),
-                        f05[i],
-                        ft[i],
-                    ]
-                    for i in range(NUM_LABELS)
-                ],
-            ),
-            "",
-        ]
+        if run.has_dev:
+            parts += [f"### `{run.name}`", "", _per_label_table(run), ""]
     return "\n".join(parts)
+
+
+PER_LABEL_COLUMNS = ["label", "name", "train freq", "threshold", "TP", "FP", "FN", "TN"]
+
+
+def _per_label_table(run) -> str:
+    """Threshold, confusion counts and F1 before and after tuning of every label (dev)."""
+    thr = np.asarray(run.thresholds["thresholds"])
+    counts = confusion_counts(run.dev_probs, run.dev_labels, thr)
+    f05, ft = run.thresholds["f1_at_0.5"], run.thresholds["f1_tuned"]
+    freq = run.frequency if run.frequency is not None else [None] * NUM_LABELS
+    rows = [
+        [i, LABEL_NAMES[i], None if freq[i] is None else float(freq[i]), float(thr[i])]
+        + [*counts[i].tolist(), f05[i], ft[i]]
+        for i in range(NUM_LABELS)
+    ]
+    return _table([*PER_LABEL_COLUMNS, "F1 @0.5", "F1 tuned"], rows)
 
 
 # ------------------------------------------------------------------------------ command line

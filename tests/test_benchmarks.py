@@ -108,8 +108,11 @@ def test_tiny_throughput_run_rows_and_result_files(tmp_path, monkeypatch):
     ladder = result["ladder"]
     assert [r["step"] for r in ladder] == [c.name for c in throughput.ladder(False)]
     assert [(r["channels_last"], r["amp"], r["fused_loss"]) for r in ladder] == [
-        (False, "off", False), (True, "off", False), (True, "bf16", False), (True, "bf16", True),
-    ]  # fmt: skip
+        (False, "off", False),
+        (True, "off", False),
+        (True, "bf16", False),
+        (True, "bf16", True),
+    ]
     peaks = result["peaks"]
     for r in ladder:
         assert r["images_per_s"] > 0 and r["e2e_images_per_s"] > 0
@@ -408,10 +411,19 @@ def test_batch_study_without_the_noise_flag_says_not_measured(tmp_path, monkeypa
 def test_seed_experiments_quick_assembles_every_experiment_with_numbers(tmp_path):
     root, out = tmp_path / "synth", tmp_path / "out"
     proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "seed_experiments.sh"), str(root), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            "bash",
+            str(REPO / "scripts" / "seed_experiments.sh"),
+            str(root),
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env=os.environ | {"PYTHON": sys.executable},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     payload = json.loads((out / "comparison.json").read_text())
     rows = {r["experiment"]: r for r in payload["experiments"]}

@@ -67,8 +67,16 @@ def _source(dataset: dict, layout: str) -> DataSource:
 
 
 def _load(source, rows, backend, **kw):
-    args = dict(train=False, batch_size=4, image_size=None, stats=IDENTITY, device=CPU,
-                dtype=torch.float32, workers=0, backend=backend)  # fmt: skip
+    args = dict(
+        train=False,
+        batch_size=4,
+        image_size=None,
+        stats=IDENTITY,
+        device=CPU,
+        dtype=torch.float32,
+        workers=0,
+        backend=backend,
+    )
     args.update(kw)
     return build_loader(source, np.asarray(rows), **args)
 
@@ -147,9 +155,22 @@ def test_random_augmentations_follow_the_seeded_draws(dataset, backend):
     loader = _load(source, np.arange(N), backend, train=True, augment=aug, batch_size=5, seed=3)
     x, _, idx = _collect(loader, epoch=2)
     assert x.shape == (10, 13, 13, 4)
-    draws = [augment_draws(5, seed=3, epoch=2, rank=0, step=s, train=True, hflip_p=0.5,
-                           vflip_p=0.5, transpose_p=0.5, image_size=20, crop=13)
-             for s in range(2)]  # fmt: skip
+    draws = [
+        augment_draws(
+            5,
+            seed=3,
+            epoch=2,
+            rank=0,
+            step=s,
+            train=True,
+            hflip_p=0.5,
+            vflip_p=0.5,
+            transpose_p=0.5,
+            image_size=20,
+            crop=13,
+        )
+        for s in range(2)
+    ]
     seen = set()
     for k, r in enumerate(idx):
         d = draws[k // 5].as_array()[k % 5]
@@ -249,8 +270,10 @@ def test_normalisation_matches_float64(dataset, backend, dtype):
 @pytest.mark.parametrize("n,batch", [(11, 4), (12, 3), (2, 4), (25, 1)])
 def test_eval_plan_covers_every_row_once(world, n, batch):
     rows = np.random.default_rng(n).permutation(100)[:n]
-    plans = [epoch_plan(rows, train=False, batch_size=batch, rank=r, world_size=world)
-             for r in range(world)]  # fmt: skip
+    plans = [
+        epoch_plan(rows, train=False, batch_size=batch, rank=r, world_size=world)
+        for r in range(world)
+    ]
     assert len({p.shape for p in plans}) == 1, "every rank the same number of full batches"
     flat = np.concatenate([p.ravel() for p in plans])
     real = flat[flat >= 0]
@@ -264,9 +287,14 @@ def test_eval_plan_covers_every_row_once(world, n, batch):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_train_plan_equal_batches_disjoint_seeded(world):
     rows = np.arange(40, 87)
-    plans = {(r, e, s): epoch_plan(rows, train=True, batch_size=5, rank=r, world_size=world,
-                                   seed=s, epoch=e)
-             for r in range(world) for e in (0, 1) for s in (0, 1)}  # fmt: skip
+    plans = {
+        (r, e, s): epoch_plan(
+            rows, train=True, batch_size=5, rank=r, world_size=world, seed=s, epoch=e
+        )
+        for r in range(world)
+        for e in (0, 1)
+        for s in (0, 1)
+    }
     nb = num_batches(47, train=True, batch_size=5, world_size=world)
     for p in plans.values():
         assert p.shape == (nb, 5) and (p >= 40).all()
@@ -346,14 +374,25 @@ def _interlaced_gray_png(a: np.ndarray) -> bytes:
         )
 
     raw = b""
-    for x0, y0, dx, dy in [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4),
-                           (1, 0, 2, 2), (0, 1, 1, 2)]:  # fmt: skip
+    for x0, y0, dx, dy in [
+        (0, 0, 8, 8),
+        (4, 0, 8, 8),
+        (0, 4, 4, 8),
+        (2, 0, 4, 4),
+        (0, 2, 2, 4),
+        (1, 0, 2, 2),
+        (0, 1, 1, 2),
+    ]:
         sub = a[y0::dy, x0::dx]
         if sub.size:
             raw += b"".join(b"\x00" + row.tobytes() for row in sub)
     ihdr = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 8, 0, 0, 0, 1)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
-            + chunk(b"IEND", b""))  # fmt: skip
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _write_kind(path: Path, a: np.ndarray, kind: str) -> None:

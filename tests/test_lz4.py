@@ -43,8 +43,16 @@ def data(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("size", [None, 10])
 def test_pack_round_trip_resume_and_verify(data, tmp_path, layout, size):
     out = tmp_path / "p"
-    r = pack_dataset(data["root"], out, fmt="lz4", size=size, workers=2, verify=True,
-                     progress=False, lz4_layout=layout)  # fmt: skip
+    r = pack_dataset(
+        data["root"],
+        out,
+        fmt="lz4",
+        size=size,
+        workers=2,
+        verify=True,
+        progress=False,
+        lz4_layout=layout,
+    )
     assert (r.written, r.skipped, r.verified) == (9, 0, 9)
     for i, sample_id in enumerate(data["ids"]):
         ref = resize_sample(data["pixels"][i], size)
@@ -57,8 +65,16 @@ def test_pack_round_trip_resume_and_verify(data, tmp_path, layout, size):
     blob = bytearray(victim.read_bytes())
     blob[-5] ^= 0x10
     victim.write_bytes(bytes(blob))
-    r2 = pack_dataset(data["root"], out, fmt="lz4", size=size, workers=1, verify=True,
-                      progress=False, lz4_layout=layout)  # fmt: skip
+    r2 = pack_dataset(
+        data["root"],
+        out,
+        fmt="lz4",
+        size=size,
+        workers=1,
+        verify=True,
+        progress=False,
+        lz4_layout=layout,
+    )
     assert (r2.written, r2.skipped, r2.verified) == (1, 8, 9), "the damaged file is rewritten"
     other = [x for x in LZ4_LAYOUTS if x != layout][0]
     with pytest.raises(UserError, match=f"already holds a {layout} lz4 pack"):
@@ -106,8 +122,14 @@ def damaged(data, tmp_path):
     return out, out / f"{data['ids'][5]}.lz4"
 
 
-@pytest.mark.parametrize("how,reason", [("flip", "checksum mismatch"), ("truncate", "truncated: "),
-                                        ("magic", "not a fasthpa LZ4 file: bad magic")])  # fmt: skip
+@pytest.mark.parametrize(
+    "how,reason",
+    [
+        ("flip", "checksum mismatch"),
+        ("truncate", "truncated: "),
+        ("magic", "not a fasthpa LZ4 file: bad magic"),
+    ],
+)
 def test_damaged_file_named_in_one_line_by_every_reader(data, damaged, how, reason):
     out, victim = damaged
     _damage(victim, how)
@@ -122,9 +144,18 @@ def test_damaged_file_named_in_one_line_by_every_reader(data, damaged, how, reas
     assert str(err.value).startswith(expected) and "(1 of 9 packed files damaged)" in str(err.value)
     for backend in ("torch", "resident"):
         with pytest.raises(UserError) as err:
-            loader = build_loader(source, np.arange(9), train=False, batch_size=4,
-                                  image_size=None, stats=IDENTITY, device=torch.device("cpu"),
-                                  dtype=torch.float32, workers=0, backend=backend)  # fmt: skip
+            loader = build_loader(
+                source,
+                np.arange(9),
+                train=False,
+                batch_size=4,
+                image_size=None,
+                stats=IDENTITY,
+                device=torch.device("cpu"),
+                dtype=torch.float32,
+                workers=0,
+                backend=backend,
+            )
             list(loader)
         assert str(err.value) == msg, backend
 
@@ -134,9 +165,18 @@ def test_damaged_file_named_by_dali_cpu(data, damaged):
     out, victim = damaged
     _damage(victim, "flip")
     source = open_source(data["root"], packed=out)
-    loader = build_loader(source, np.arange(9), train=False, batch_size=4, image_size=None,
-                          stats=IDENTITY, device=torch.device("cpu"), dtype=torch.float32,
-                          workers=1, backend="dali")  # fmt: skip
+    loader = build_loader(
+        source,
+        np.arange(9),
+        train=False,
+        batch_size=4,
+        image_size=None,
+        stats=IDENTITY,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        workers=1,
+        backend="dali",
+    )
     with pytest.raises(UserError, match=f"{victim}: corrupt LZ4 sample \\(checksum mismatch"):
         list(loader)
 
@@ -154,8 +194,23 @@ def test_check_cli_names_the_damaged_file(data, damaged, capsys):
 
 def test_pack_cli_and_source(data, tmp_path, capsys):
     out = tmp_path / "cli"
-    argv = ["pack", str(data["root"]), "--out", str(out), "--format", "lz4", "--size", "12",
-            "--lz4-layout", "interleaved", "--lz4-level", "0", "--verify", "--workers", "1"]  # fmt: skip
+    argv = [
+        "pack",
+        str(data["root"]),
+        "--out",
+        str(out),
+        "--format",
+        "lz4",
+        "--size",
+        "12",
+        "--lz4-layout",
+        "interleaved",
+        "--lz4-level",
+        "0",
+        "--verify",
+        "--workers",
+        "1",
+    ]
     assert main(argv) == 0
     assert "9 verified exactly" in capsys.readouterr().out
     source = open_source(data["root"], packed=out)
@@ -185,7 +240,7 @@ def test_twin_reads_the_pack_like_the_sources(data, tmp_path):
             augment=aug,
             seed=2,
             channels="rgb",
-        )  # fmt: skip
+        )
         for src in (source, open_source(data["root"]))
     ]
     for (x, y, i), (x2, y2, i2) in zip(*loaders, strict=True):
@@ -201,9 +256,17 @@ def test_dali_gpu_inflate_equals_the_cpu_twin(data, tmp_path, layout, channels):
     out = tmp_path / "p"
     pack_dataset(data["root"], out, fmt="lz4", workers=1, progress=False, lz4_layout=layout)
     source = open_source(data["root"], packed=out)
-    kw = dict(train=True, batch_size=3, image_size=None, stats=IDENTITY, dtype=torch.float32,
-              workers=2, augment=AugmentConfig(dihedral=True, random_crop=13), seed=4,
-              channels=channels)  # fmt: skip
+    kw = dict(
+        train=True,
+        batch_size=3,
+        image_size=None,
+        stats=IDENTITY,
+        dtype=torch.float32,
+        workers=2,
+        augment=AugmentConfig(dihedral=True, random_crop=13),
+        seed=4,
+        channels=channels,
+    )
     gpu = build_loader(source, np.arange(9), device=torch.device("cuda"), backend="dali", **kw)
     assert gpu.backend == "dali-gpu"
     twin = build_loader(source, np.arange(9), device=torch.device("cpu"), backend="torch", **kw)

@@ -58,12 +58,22 @@ def _source(dataset, layout="kaggle"):
 
 def _pair(source, rows=None, **kw):
     """(twin, resident) loaders built alike."""
-    args = dict(train=True, batch_size=3, image_size=None, stats=STATS, device=CPU,
-                dtype=torch.float32, workers=0, seed=7)  # fmt: skip
+    args = dict(
+        train=True,
+        batch_size=3,
+        image_size=None,
+        stats=STATS,
+        device=CPU,
+        dtype=torch.float32,
+        workers=0,
+        seed=7,
+    )
     args.update(kw)
     rows = np.arange(N) if rows is None else np.asarray(rows)
-    return (build_loader(source, rows, backend="torch", **args),
-            build_loader(source, rows, backend="resident", **args))  # fmt: skip
+    return (
+        build_loader(source, rows, backend="torch", **args),
+        build_loader(source, rows, backend="resident", **args),
+    )
 
 
 def _batches(loader, epoch, skip=0):
@@ -98,8 +108,18 @@ def test_train_batches_equal_the_twin(dataset, layout, aug):
 def test_dtypes_channels_resize_and_threads_equal_the_twin(dataset, dtype, channels):
     kw = dict(augment=AUGMENTS["dihedral+crop"], dtype=dtype, channels=channels, image_size=15)
     twin, _ = _pair(_source(dataset), **kw)
-    res = build_loader(_source(dataset), np.arange(N), backend="resident", train=True,
-                       batch_size=3, stats=STATS, device=CPU, seed=7, workers=2, **kw)  # fmt: skip
+    res = build_loader(
+        _source(dataset),
+        np.arange(N),
+        backend="resident",
+        train=True,
+        batch_size=3,
+        stats=STATS,
+        device=CPU,
+        seed=7,
+        workers=2,
+        **kw,
+    )
     _assert_same(_batches(twin, 3), _batches(res, 3))
 
 
@@ -116,10 +136,20 @@ def test_eval_padding_and_centre_crop_equal_the_twin(dataset):
 def test_resume_mid_epoch_gives_the_remaining_batches(dataset):
     twin, res = _pair(_source(dataset), augment=AUGMENTS["dihedral+crop"])
     full = _batches(twin, 4)
-    fresh = build_loader(_source(dataset), np.arange(N), backend="resident", train=True,
-                         batch_size=3, image_size=None, stats=STATS, device=CPU,
-                         dtype=torch.float32, workers=0, seed=7,
-                         augment=AUGMENTS["dihedral+crop"])  # fmt: skip
+    fresh = build_loader(
+        _source(dataset),
+        np.arange(N),
+        backend="resident",
+        train=True,
+        batch_size=3,
+        image_size=None,
+        stats=STATS,
+        device=CPU,
+        dtype=torch.float32,
+        workers=0,
+        seed=7,
+        augment=AUGMENTS["dihedral+crop"],
+    )
     _assert_same(full[2:], _batches(fresh, 4, skip=2))
     # an abandoned epoch does not shift the next one
     res.set_epoch(3)
@@ -131,8 +161,16 @@ def test_two_ranks_equal_one_process(dataset):
     """Rank r of 2 at step s holds what one process holds at step 2s + r (the sharding rule);
     eval: the two ranks together see every row once. Both ranks share one decoded file."""
     source, aug = _source(dataset), AUGMENTS["dihedral+crop"]
-    common = dict(batch_size=2, image_size=None, stats=STATS, device=CPU, dtype=torch.float32,
-                  workers=0, seed=3, augment=aug)  # fmt: skip
+    common = dict(
+        batch_size=2,
+        image_size=None,
+        stats=STATS,
+        device=CPU,
+        dtype=torch.float32,
+        workers=0,
+        seed=3,
+        augment=aug,
+    )
     before = set(cache_dir().glob("*.npy"))
     one = _batches(build_loader(source, np.arange(N), train=True, backend="torch", **common), 2)
     ranks = [
@@ -141,7 +179,7 @@ def test_two_ranks_equal_one_process(dataset):
                 source, np.arange(N), train=True, backend="resident", rank=r, world_size=2, **common
             ),
             2,
-        )  # fmt: skip
+        )
         for r in range(2)
     ]
     assert len(ranks[0]) == len(ranks[1]) == len(one) // 2
@@ -161,7 +199,7 @@ def test_two_ranks_equal_one_process(dataset):
                 **common,
             ),
             0,
-        )  # fmt: skip
+        )
         for r in range(2)
     ]
     seen = torch.cat([i for batches in evals for _, _, i in batches])
@@ -180,8 +218,9 @@ def test_gather_pixels_equals_numpy_views():
         draws[:4, :3] = [[0, 0, 0], [1, 1, 1], [1, 0, 1], [0, 1, 0]]
         draws[:, 3:] = rng.integers(0, side - out + 1, size=(10, 2))
         t = torch.from_numpy(store)
-        got = resident.gather_pixels(resident._pixel_view(t), torch.from_numpy(slots),
-                                     torch.from_numpy(draws), side, out, c)  # fmt: skip
+        got = resident.gather_pixels(
+            resident._pixel_view(t), torch.from_numpy(slots), torch.from_numpy(draws), side, out, c
+        )
         for k in range(10):
             ref = resident.sample_view(store, int(slots[k]), draws[k], crop)
             assert np.array_equal(got[k].numpy(), ref), (c, k, draws[k])
@@ -320,10 +359,19 @@ def test_process_pool_decode_equals_in_process(dataset, monkeypatch, tmp_path):
 def test_cuda_resident_equals_the_cpu_twin(dataset, monkeypatch, pinned):
     if pinned:
         monkeypatch.setattr(resident, "cuda_free_bytes", lambda d: (0, 80 << 30))
-    kw = dict(train=True, batch_size=3, image_size=None, stats=STATS, seed=7, workers=2,
-              augment=AUGMENTS["dihedral+crop"], dtype=torch.bfloat16)  # fmt: skip
-    cuda = build_loader(_source(dataset), np.arange(N), backend="resident",
-                        device=torch.device("cuda", 0), **kw)  # fmt: skip
+    kw = dict(
+        train=True,
+        batch_size=3,
+        image_size=None,
+        stats=STATS,
+        seed=7,
+        workers=2,
+        augment=AUGMENTS["dihedral+crop"],
+        dtype=torch.bfloat16,
+    )
+    cuda = build_loader(
+        _source(dataset), np.arange(N), backend="resident", device=torch.device("cuda", 0), **kw
+    )
     assert cuda.placement["where"] == ("pinned-host" if pinned else "cuda:0")
     assert cuda.placement["bytes"] == N * 18 * 18 * 4
     twin = build_loader(_source(dataset), np.arange(N), backend="torch", device=CPU, **kw)

@@ -70,13 +70,11 @@ def _short_run_args(tmp_path: Path) -> tuple[list[str], Path]:
     root = tmp_path / "data"
     generate(root, n=96, size=64, test_n=0, seed=0, workers=1)
     run = tmp_path / "run"
-    argv = [
-        "--data", str(root), "--out", str(run), "--image-size", "64", "--batch-size", "16",
-        "--epochs", "1", "--max-steps", "4", "--workers", "2", "--no-progress",
-        "--pretrained", "none", "--split", "0.75,0.25,0", "--log-every", "2",
-        "--amp", "bf16", "--compile",
-    ]  # fmt: skip
-    return argv, run
+    flags = (
+        "--image-size 64 --batch-size 16 --epochs 1 --max-steps 4 --workers 2 --no-progress "
+        "--pretrained none --split 0.75,0.25,0 --log-every 2 --amp bf16 --compile"
+    )
+    return ["--data", str(root), "--out", str(run), *flags.split()], run
 
 
 def test_short_amp_compiled_run_on_cuda(tmp_path: Path):
@@ -108,3 +106,18 @@ def test_torchrun_one_process_goes_through_ddp_and_ddp_optimizer(tmp_path: Path)
     steps = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in steps if r["kind"] == "step"]
     assert losses and all(np.isfinite(losses)), steps
+
+
+def test_noise_scale_meter_on_cuda(tmp_path: Path):
+    """A short eager bf16 run with --noise-scale (two micro-batches of 8 against their sum):
+    B_simple's parts are logged, finite, on log steps."""
+    argv, run = _short_run_args(tmp_path)
+    argv = [a for a in argv if a != "--compile"] + ["--noise-scale", "--grad-accum", "2"]
+    argv[argv.index("--batch-size") + 1] = "8"
+    assert train_main(argv) == 0
+    rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert steps and all(r["b_small"] == 8 and r["b_big"] == 16 for r in steps)
+    assert all(np.isfinite(r["grad_sq_ema"]) and np.isfinite(r["trace_sigma_ema"]) for r in steps)
+    env = json.loads((run / "env.json").read_text())
+    assert env["noise_scale"]["source"] == "grad_accum_micro_batches"

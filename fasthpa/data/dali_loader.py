@@ -284,9 +284,11 @@ class DaliBatchLoader:
                 )
             if spec.crop is not None:
                 img = fn.slice(
-                    img, draws[3:5], np.array([spec.crop, spec.crop], dtype=np.int32),
+                    img,
+                    draws[3:5],
+                    np.array([spec.crop, spec.crop], dtype=np.int32),
                     axis_names="HW",
-                )  # fmt: skip
+                )
             if t_p > 0:
                 if draws[2] != 0:
                     # keep the HWC layout name: both branches must agree on it
@@ -297,16 +299,23 @@ class DaliBatchLoader:
             std = [255.0 * s for s in spec.stats.std]
             out_type = types.FLOAT16 if spec.dtype == torch.float16 else types.FLOAT
             img = fn.crop_mirror_normalize(
-                img, dtype=out_type, output_layout="HWC", mean=mean, std=std,
+                img,
+                dtype=out_type,
+                output_layout="HWC",
+                mean=mean,
+                std=std,
                 mirror=draws[0] if h_p > 0 else 0,
-            )  # fmt: skip
+            )
             return img, rows
 
         device_id = (spec.device.index or 0) if self.cuda else None
         pipe = graph(
-            batch_size=spec.batch_size, num_threads=self.threads, device_id=device_id,
-            prefetch_queue_depth=2, seed=spec.seed,
-        )  # fmt: skip
+            batch_size=spec.batch_size,
+            num_threads=self.threads,
+            device_id=device_id,
+            prefetch_queue_depth=2,
+            seed=spec.seed,
+        )
         with warnings.catch_warnings():
             # the draws go unused when no augmentation or crop is on; feeding them is harmless
             warnings.filterwarnings("ignore", message="The external source node .* is not used")

@@ -151,11 +151,24 @@ def build_loader(
             "--format npy` and pass --packed DIR."
         )
     spec = LoaderSpec(
-        source=source, indices=indices, train=train, batch_size=batch_size, channels=n_channels,
-        image_size=image_size, side=h, crop=crop, augment=augment,
-        stats=stats.select(n_channels), device=device, dtype=dtype, rank=rank,
-        world_size=world_size, seed=seed, workers=cap_workers(workers, rank), repeat=repeat,
-    )  # fmt: skip
+        source=source,
+        indices=indices,
+        train=train,
+        batch_size=batch_size,
+        channels=n_channels,
+        image_size=image_size,
+        side=h,
+        crop=crop,
+        augment=augment,
+        stats=stats.select(n_channels),
+        device=device,
+        dtype=dtype,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        workers=cap_workers(workers, rank),
+        repeat=repeat,
+    )
     spec.plan(0)  # validates rank and batch size now rather than on the first epoch
     return _build(spec, backend)
 

@@ -380,72 +380,24 @@ def _place_centres(size: int, rbar: float, k: int, rng: np.random.Generator) -> 
 
 
 def _make_scene(size: int, rng: np.random.Generator, mitotic: bool) -> _Scene:
+    """A few touching cells: who owns each pixel, its radius in the cell and in the nucleus,
+    and the per-cell properties stains and motifs share (random draws in a fixed order)."""
     yy, xx = _grid(size)
-    rbar = size * rng.uniform(0.15, 0.2)
-    centres = _place_centres(size, rbar, int(rng.integers(3, 8)), rng)
-    k = len(centres)
-    cx, cy = centres[:, 0].astype(_F), centres[:, 1].astype(_F)
-    r = (rbar * rng.uniform(0.85, 1.15, k)).astype(_F)
-    aspect = rng.uniform(1.0, 1.35, k).astype(_F)
-    phi = rng.uniform(0, np.pi, k).astype(_F)
-    wob_c = rng.uniform(0, 0.06, (k, 3)).astype(_F)
-    wob_p = rng.uniform(0, 2 * np.pi, (k, 3)).astype(_F)
-    m = int(rng.integers(k)) if mitotic else -1
-    if m >= 0:  # a dividing cell rounds up
-        aspect[m] = 1.0
-        wob_c[m] *= 0.3
-
-    # 1. every cell's normalised radius at every pixel; the nearest cell owns the pixel
-    dx = xx[None] - cx[:, None, None]
-    dy = yy[None] - cy[:, None, None]
-    c, s = np.cos(phi)[:, None, None], np.sin(phi)[:, None, None]
-    u, v = dx * c + dy * s, -dx * s + dy * c
-    a = aspect[:, None, None]
-    th = np.arctan2(v, u)
-    wob = 1.0 + sum(
-        wob_c[:, h, None, None] * np.cos((h + 2) * th + wob_p[:, h, None, None]) for h in range(3)
-    )
-    rho_all = np.sqrt((u / a) ** 2 + (v * a) ** 2) / (r[:, None, None] * wob)
-    cell_id = np.argmin(rho_all, axis=0)
-    rho = np.take_along_axis(rho_all, cell_id[None], 0)[0]
-    theta = np.take_along_axis(th, cell_id[None], 0)[0]
-    # second-smallest over K cells: a running pair of minima beats np.partition along axis 0
-    first = np.full_like(rho, np.inf)
-    rho2 = np.full_like(rho, np.inf)
-    for layer in rho_all:
-        rho2 = np.minimum(rho2, np.maximum(first, layer))
-        first = np.minimum(first, layer)
-
-    # 2. the nucleus of the owning cell
-    off = r * rng.uniform(0, 0.15, k).astype(_F)
-    odir = rng.uniform(0, 2 * np.pi, k).astype(_F)
-    ncx, ncy = cx + off * np.cos(odir), cy + off * np.sin(odir)
-    rn = (r * rng.uniform(0.38, 0.48, k)).astype(_F)
-    n_aspect = rng.uniform(1.0, 1.25, k).astype(_F)
-    n_phi = rng.uniform(0, np.pi, k).astype(_F)
-    n_wob = rng.uniform(0, 0.04, k).astype(_F)
-    n_wobp = rng.uniform(0, 2 * np.pi, k).astype(_F)
-    ndx, ndy = xx - ncx[cell_id], yy - ncy[cell_id]
-    c, s = np.cos(n_phi)[cell_id], np.sin(n_phi)[cell_id]
-    u, v = ndx * c + ndy * s, -ndx * s + ndy * c
-    na = n_aspect[cell_id]
-    nth = np.arctan2(v, u)
-    nu = np.sqrt((u / na) ** 2 + (v * na) ** 2) / (
-        rn[cell_id] * (1.0 + n_wob[cell_id] * np.cos(3 * nth + n_wobp[cell_id]))
-    )
-    alpha = np.arctan2(ndy, ndx)
-
+    cells = _draw_cells(size, rng, mitotic)
+    cell_id, rho, rho2, theta = _cell_fields(xx, yy, cells)
+    ncx, ncy, rn, nu, alpha = _nucleus_fields(xx, yy, cells, cell_id, rng)
+    m = cells["m"]
     cell_soft = _soft(1.0 - rho, 0.06)
     nuc_soft = _soft(1.0 - nu, 0.1) * cell_soft
     if m >= 0:  # the envelope of a dividing cell has broken down: no nucleus, chromosomes
         nuc_soft = np.where(cell_id == m, _F(0), nuc_soft)
-    (tex,) = _noise(rng, size, [(float(rbar) * 0.6, False)])
+    (tex,) = _noise(rng, size, [(float(cells["rbar"]) * 0.6, False)])
     tex = np.clip(0.5 + 0.25 * tex, 0.0, 1.0)
-
+    r = cells["r"]
     scene = _Scene(
         size=size,
-        cx=cx,
-        cy=cy,
+        cx=cells["cx"],
+        cy=cells["cy"],
         r=r,
         ncx=ncx,
         ncy=ncy,
@@ -464,8 +416,84 @@ def _make_scene(size: int, rng: np.random.Generator, mitotic: bool) -> _Scene:
         tex=tex,
         mitotic=m,
     )
-    # 3. per-cell properties that several stains or motifs share
-    scene.per_cell = {
+    scene.per_cell = _per_cell_properties(rng, len(r), r)
+    scene.nucleoli = _nucleoli(rng, ncx, ncy, rn, m)
+    return scene
+
+
+def _draw_cells(size: int, rng: np.random.Generator, mitotic: bool) -> dict:
+    rbar = size * rng.uniform(0.15, 0.2)
+    centres = _place_centres(size, rbar, int(rng.integers(3, 8)), rng)
+    k = len(centres)
+    cells = {
+        "rbar": rbar,
+        "cx": centres[:, 0].astype(_F),
+        "cy": centres[:, 1].astype(_F),
+        "r": (rbar * rng.uniform(0.85, 1.15, k)).astype(_F),
+        "aspect": rng.uniform(1.0, 1.35, k).astype(_F),
+        "phi": rng.uniform(0, np.pi, k).astype(_F),
+        "wob_c": rng.uniform(0, 0.06, (k, 3)).astype(_F),
+        "wob_p": rng.uniform(0, 2 * np.pi, (k, 3)).astype(_F),
+    }
+    m = int(rng.integers(k)) if mitotic else -1
+    if m >= 0:  # a dividing cell rounds up
+        cells["aspect"][m] = 1.0
+        cells["wob_c"][m] *= 0.3
+    cells["m"] = m
+    return cells
+
+
+def _cell_fields(xx, yy, cells: dict):
+    """Every cell's normalised radius at every pixel; the nearest cell owns the pixel:
+    (owner, radius in it, second-smallest radius, angle)."""
+    dx = xx[None] - cells["cx"][:, None, None]
+    dy = yy[None] - cells["cy"][:, None, None]
+    c, s = np.cos(cells["phi"])[:, None, None], np.sin(cells["phi"])[:, None, None]
+    u, v = dx * c + dy * s, -dx * s + dy * c
+    a = cells["aspect"][:, None, None]
+    th = np.arctan2(v, u)
+    wob_c, wob_p = cells["wob_c"], cells["wob_p"]
+    wob = 1.0 + sum(
+        wob_c[:, h, None, None] * np.cos((h + 2) * th + wob_p[:, h, None, None]) for h in range(3)
+    )
+    rho_all = np.sqrt((u / a) ** 2 + (v * a) ** 2) / (cells["r"][:, None, None] * wob)
+    cell_id = np.argmin(rho_all, axis=0)
+    rho = np.take_along_axis(rho_all, cell_id[None], 0)[0]
+    theta = np.take_along_axis(th, cell_id[None], 0)[0]
+    # second-smallest over K cells: a running pair of minima beats np.partition along axis 0
+    first = np.full_like(rho, np.inf)
+    rho2 = np.full_like(rho, np.inf)
+    for layer in rho_all:
+        rho2 = np.minimum(rho2, np.maximum(first, layer))
+        first = np.minimum(first, layer)
+    return cell_id, rho, rho2, theta
+
+
+def _nucleus_fields(xx, yy, cells: dict, cell_id, rng: np.random.Generator):
+    """The nucleus of the owning cell: (centres x, y, radii, normalised radius, angle)."""
+    r, k = cells["r"], len(cells["r"])
+    off = r * rng.uniform(0, 0.15, k).astype(_F)
+    odir = rng.uniform(0, 2 * np.pi, k).astype(_F)
+    ncx, ncy = cells["cx"] + off * np.cos(odir), cells["cy"] + off * np.sin(odir)
+    rn = (r * rng.uniform(0.38, 0.48, k)).astype(_F)
+    n_aspect = rng.uniform(1.0, 1.25, k).astype(_F)
+    n_phi = rng.uniform(0, np.pi, k).astype(_F)
+    n_wob = rng.uniform(0, 0.04, k).astype(_F)
+    n_wobp = rng.uniform(0, 2 * np.pi, k).astype(_F)
+    ndx, ndy = xx - ncx[cell_id], yy - ncy[cell_id]
+    c, s = np.cos(n_phi)[cell_id], np.sin(n_phi)[cell_id]
+    u, v = ndx * c + ndy * s, -ndx * s + ndy * c
+    na = n_aspect[cell_id]
+    nth = np.arctan2(v, u)
+    nu = np.sqrt((u / na) ** 2 + (v * na) ** 2) / (
+        rn[cell_id] * (1.0 + n_wob[cell_id] * np.cos(3 * nth + n_wobp[cell_id]))
+    )
+    return ncx, ncy, rn, nu, np.arctan2(ndy, ndx)
+
+
+def _per_cell_properties(rng: np.random.Generator, k: int, r: np.ndarray) -> dict:
+    """Per-cell properties that several stains or motifs share."""
+    return {
         "expr": np.where(rng.random(k) < 0.12, rng.uniform(0.05, 0.25, k), rng.uniform(0.5, 1, k)),
         "n_fibres": rng.integers(28, 48, k).astype(_F),
         "bend": rng.uniform(-0.4, 0.4, k).astype(_F),
@@ -477,9 +505,12 @@ def _make_scene(size: int, rng: np.random.Generator, mitotic: bool) -> _Scene:
         "red": rng.uniform(0.5, 1.0, k).astype(_F),
         "yellow": rng.uniform(0.5, 1.0, k).astype(_F),
     }
-    # nucleoli: 1-4 per interphase nucleus; the blue stain is dimmer there
+
+
+def _nucleoli(rng: np.random.Generator, ncx, ncy, rn, m: int):
+    """1-4 nucleoli per interphase nucleus (the blue stain is dimmer there): (y, x, sigma)."""
     ys, xs, sig = [], [], []
-    for i in range(k):
+    for i in range(len(rn)):
         if i == m:
             continue
         for _ in range(int(rng.integers(1, 5))):
@@ -487,8 +518,7 @@ def _make_scene(size: int, rng: np.random.Generator, mitotic: bool) -> _Scene:
             ys.append(ncy[i] + rad * np.sin(ang))
             xs.append(ncx[i] + rad * np.cos(ang))
             sig.append(max(0.7, float(rn[i]) * rng.uniform(0.1, 0.16)))
-    scene.nucleoli = (np.asarray(ys), np.asarray(xs), np.asarray(sig))
-    return scene
+    return np.asarray(ys), np.asarray(xs), np.asarray(sig)
 
 
 def _centrosome_xy(sc: _Scene, k_dist: float = 1.2) -> tuple[np.ndarray, np.ndarray]:
