@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack": ("fasthpa.data.pack", "pack 4 stain PNGs into one RGBA PNG (or a decoded .npy cache)"),
     "train": ("fasthpa.train.cli", "train a classifier (also: python -m fasthpa.train, torchrun)"),
     "cv": ("fasthpa.cv.cli", "K-fold cross-validation: fold runs, out-of-fold thresholds"),
+    "rare": (
+        "fasthpa.rare.cli",
+        "binary models for a run's rare labels (the report's future work)",
+    ),
     "thresholds": ("fasthpa.thresholds.cli", "fit per-label thresholds on saved probabilities"),
     "predict": ("fasthpa.predict.cli", "predict a Kaggle submission from a trained run"),
     "report": ("fasthpa.report", "write plots and report.md for one or more runs"),

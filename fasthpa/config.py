@@ -31,6 +31,7 @@ from typing import Any
 from fasthpa.data.contract import BACKENDS, CHANNEL_SETS
 from fasthpa.distributed import DEVICE_CHOICES
 from fasthpa.errors import UserError
+from fasthpa.labels import NUM_LABELS
 from fasthpa.loss import FOCAL_VARIANTS, LOSSES
 from fasthpa.model import HEADS, YELLOW_INITS
 from fasthpa.recipes import DEFAULT_RECIPE, RECIPES, merge, recipe_values
@@ -117,6 +118,16 @@ class DataConfig:
         BACKENDS,
     )
     workers: int = _f(4, "loader worker processes / DALI CPU threads per rank")
+    labels: str | None = _f(
+        None,
+        "train on these labels only (comma-separated indices, e.g. 27 or 8,9,10): a model with "
+        "one output per label, as `fasthpa rare` trains for rare labels; None: all 28",
+    )
+    positive_share: float = _f(
+        0.0,
+        "with --labels: subsample the training part to all its positives and enough random "
+        "negatives that positives make this share (the reference's rare-label models: 0.2); 0: off",
+    )
     balance: float = _f(
         0.0,
         "label-aware sampling: an image holding a label rarer than this training frequency is "
@@ -133,6 +144,11 @@ class DataConfig:
         _check_range(self, "random_crop", 8, self.image_size)
         _check_range(self, "workers", 0)
         _check_range(self, "balance", 0.0, 1.0)
+        _check_range(self, "positive_share", 0.0, 1.0, hi_open=True)
+        if self.labels is not None:
+            parse_labels(self.labels)
+        elif self.positive_share > 0:
+            raise UserError("--positive-share needs --labels (the labels whose positives count).")
         _check_range(self, "balance_power", 0.0, 4.0)
         if self.fold is not None:
             parse_fold(self.fold)
@@ -151,6 +167,11 @@ class ModelConfig:
     dropout: float = _f(0.0, "dropout before the classifier")
     freeze_backbone: bool = _f(False, "train only the classifier (the reference's frozen run)")
     sync_bn: bool = _f(False, "SyncBatchNorm across ranks (CUDA only)")
+    init_from: str | None = _f(
+        None,
+        "start from a fasthpa checkpoint (a run's best.pt): its network, and its classifier's "
+        "rows for --labels (how `fasthpa rare` fine-tunes rare-label models)",
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -274,6 +295,13 @@ class TrainConfig:
         """Input channels of the model (4 for rgby, 3 for rgb)."""
         return CHANNEL_SETS[self.data.channels]
 
+    @property
+    def label_indices(self) -> tuple[int, ...]:
+        """The labels the model predicts, in output order (all 28 unless ``--labels``)."""
+        if self.data.labels is None:
+            return tuple(range(NUM_LABELS))
+        return parse_labels(self.data.labels)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -291,6 +319,21 @@ class TrainConfig:
 def _sections() -> list[tuple[str, type]]:
     hints = typing.get_type_hints(TrainConfig)
     return [(f.name, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
+
+
+def parse_labels(text: str) -> tuple[int, ...]:
+    """'8,9,10' -> (8, 9, 10): distinct label indices in 0-27, ascending."""
+    try:
+        labels = tuple(int(x) for x in str(text).replace(" ", "").split(",") if x)
+    except ValueError:
+        raise UserError(f"--labels {text!r}: expected label indices like 27 or 8,9,10.") from None
+    if (
+        not labels
+        or len(set(labels)) != len(labels)
+        or not all(0 <= x < NUM_LABELS for x in labels)
+    ):
+        raise UserError(f"--labels {text!r}: need distinct label indices in 0-{NUM_LABELS - 1}.")
+    return tuple(sorted(labels))
 
 
 def parse_fold(text: str) -> tuple[int, int]:

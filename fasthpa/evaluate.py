@@ -7,6 +7,7 @@ views), so both put predictions back in dataset order the same way.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,40 @@ import torch
 
 from fasthpa.distributed import DistInfo, all_gather_cat
 from fasthpa.labels import NUM_LABELS
+
+
+@dataclass(frozen=True)
+class Head:
+    """The label columns a model's outputs are, in order, and its tier (see predict_probs)."""
+
+    columns: tuple[int, ...]
+    tier: int = 0
+
+
+def _tiered(x, models, heads, views, channels_last: bool, autocast) -> torch.Tensor:
+    """[B, 28]: per column, the mean over the views and the highest-tier models covering it."""
+    sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for m, head in zip(models, heads):
+        total = None
+        for view in views:
+            v = x if view is None else view(x)
+            if view is not None and channels_last:
+                v = v.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                p = torch.sigmoid(m(v).float())
+            total = p if total is None else total + p
+        if head.tier not in sums:
+            zeros = torch.zeros((x.shape[0], NUM_LABELS), device=x.device)
+            sums[head.tier] = (zeros, torch.zeros(NUM_LABELS, device=x.device))
+        s, c = sums[head.tier]
+        cols = list(head.columns)
+        s[:, cols] += total
+        c[cols] += len(views)
+    out = torch.zeros((x.shape[0], NUM_LABELS), device=x.device)
+    for tier in sorted(sums):
+        s, c = sums[tier]
+        out = torch.where(c > 0, s / c.clamp_min(1), out)
+    return out
 
 
 @torch.no_grad()
@@ -26,9 +61,15 @@ def predict_probs(
     views: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None,
     channels_last: bool = True,
     on_batch: Callable[[], None] | None = None,
+    heads: Sequence[Head] | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Mean sigmoid probability over ``views`` (default: the batch as it is) and over the
     models (one, or an ensemble sharing the loader) for every row of ``loader`` exactly once.
+
+    ``heads`` (one per model) say which of the 28 label columns a model predicts and with which
+    tier: each column is the mean of the models of the highest tier that predict it (rare-label
+    models, tier 1, replace the main ensemble's, tier 0, for their labels). Default: every
+    model predicts all columns, tier 0.
 
     Returns (rows, probs float32 [len(rows), 28]) sorted by row on rank 0, None on other ranks.
     Padding entries (index -1) are dropped; a row seen twice or never is an error, not a skew.
@@ -40,6 +81,12 @@ def predict_probs(
     count = len(views or (None,)) * len(models)
     probs, index = [], []
     for x, _, idx in loader:
+        if heads is not None:
+            probs.append(_tiered(x, models, heads, views or (None,), channels_last, autocast))
+            index.append(idx)
+            if on_batch is not None:
+                on_batch()
+            continue
         total = None
         for view in views or (None,):
             v = x if view is None else view(x)

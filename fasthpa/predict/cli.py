@@ -85,6 +85,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
     )
+    parser.add_argument(
+        "--rare",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="use the rare-label models of each run's rare/ folder (fasthpa rare) for their labels",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         loader=args.loader,
         device=args.device,
         progress=args.progress,
+        rare=args.rare,
     )
     if result is not None:
         _print_summary(result, args)

@@ -56,6 +56,14 @@ def expand_runs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], Path | 
     return members, None, f"ensemble of {len(members)} runs"
 
 
+def rare_runs(members: Sequence[Path]) -> list[Path]:
+    """The rare-label runs (``fasthpa rare``) kept in the members' ``rare/`` folders."""
+    found = []
+    for member in members:
+        found += sorted(p.parent for p in (Path(member) / "rare").glob("label*/best.pt"))
+    return found
+
+
 @dataclass
 class RunInputs:
     """What predict reads from one run folder, validated."""
@@ -100,7 +108,7 @@ def load_run_inputs(
             f"{thr_path}: thresholds file not found (the run has not finished a dev evaluation; "
             f"pass --thresholds PATH to use another)."
         )
-    thr = load_thresholds(thr_path)
+    thr = load_thresholds(thr_path, len(cfg.label_indices))
     state, ckpt_path = _load_state(run_dir, checkpoint)
     for key, expected in (("arch", cfg.model.arch), ("in_channels", cfg.in_channels)):
         if key in state and state[key] != expected:

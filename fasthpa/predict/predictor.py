@@ -23,7 +23,7 @@ from fasthpa.data.contract import AugmentConfig, BatchLoader
 from fasthpa.data.loader import build_loader
 from fasthpa.distributed import DistInfo
 from fasthpa.errors import UserError
-from fasthpa.evaluate import predict_probs
+from fasthpa.evaluate import Head, predict_probs
 from fasthpa.labels import NUM_LABELS
 from fasthpa.model import build_model
 from fasthpa.predict.inputs import Rows, RunInputs
@@ -41,10 +41,17 @@ class Predictor:
     n_rows: int
     amp: torch.dtype | None
     channels_last: bool
+    heads: list[Head] | None = None
+    """which label columns each model predicts (None: all 28 each; see fasthpa.evaluate)"""
 
     @property
     def model(self) -> nn.Module:
         return self.models[0]
+
+    @property
+    def main_models(self) -> int:
+        """How many of the models predict every label (the ensemble's weight of this group)."""
+        return len(self.models) if self.heads is None else sum(h.tier == 0 for h in self.heads)
 
     def autocast(self):
         return autocast_factory(self.info.device, self.amp)()
@@ -65,6 +72,7 @@ class Predictor:
                 views=views,
                 channels_last=self.channels_last,
                 on_batch=(lambda: bar.advance(bar.task_ids[0])) if bar is not None else None,
+                heads=self.heads,
             )
         finally:
             if bar is not None:
@@ -97,6 +105,12 @@ def build_predictors(
     groups: dict[tuple, list[RunInputs]] = {}
     for run in runs:
         groups.setdefault(input_key(run), []).append(run)
+    for group in groups.values():
+        if all(head_of(r).tier > 0 for r in group):
+            raise UserError(
+                f"{group[0].run_dir}: a rare-label model whose input (image size, crop, channel "
+                f"statistics, precision) matches no main model; train it with `fasthpa rare`."
+            )
     return [
         build_predictor(group, rows, info, batch_size, workers, backend)
         for group in groups.values()
@@ -137,14 +151,24 @@ def build_predictor(
         backend=backend,
     )
     models = [_model(run, dev) for run in runs]
-    return Predictor(models, loader, info, len(rows.ids), amp, cfg.speed.channels_last)
+    heads = [head_of(run) for run in runs]
+    if all(h == Head(tuple(range(NUM_LABELS))) for h in heads):
+        heads = None  # the plain path: every model predicts every label
+    return Predictor(models, loader, info, len(rows.ids), amp, cfg.speed.channels_last, heads)
+
+
+def head_of(run: RunInputs) -> Head:
+    """A run's label columns; a model of some labels only (a rare-label model) is tier 1: its
+    probabilities replace the main models' for its labels."""
+    labels = run.config.label_indices
+    return Head(labels, tier=0 if len(labels) == NUM_LABELS else 1)
 
 
 def _model(run: RunInputs, device: torch.device) -> nn.Module:
     cfg = run.config
     model, _ = build_model(
         cfg.model.arch,
-        num_classes=NUM_LABELS,
+        num_classes=len(cfg.label_indices),
         in_channels=cfg.in_channels,
         pretrained="none",
         head=cfg.model.head,

@@ -24,7 +24,13 @@ import numpy as np
 from fasthpa.data.preflight import preflight
 from fasthpa.distributed import DistInfo, check_every_rank, cleanup, init_distributed
 from fasthpa.errors import UserError
-from fasthpa.predict.inputs import expand_runs, load_run_config, load_run_inputs, select_rows
+from fasthpa.predict.inputs import (
+    expand_runs,
+    load_run_config,
+    load_run_inputs,
+    rare_runs,
+    select_rows,
+)
 from fasthpa.predict.predictor import build_predictors
 from fasthpa.predict.submission import (
     PredictResult,
@@ -58,6 +64,8 @@ class PredictRequest:
     loader: str = "auto"
     device: str = "auto"
     progress: bool = False
+    rare: bool = True
+    """use the rare-label models in the runs' rare/ folders (``fasthpa rare``) for their labels"""
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
@@ -111,36 +119,23 @@ def run_request(request: PredictRequest, info: DistInfo) -> PredictResult | None
     """:func:`predict` on an initialised ``info`` (see the module docstring)."""
     views = resolve_views(request.tta)
     members, default_thr, _ = expand_runs(request.runs)
-    configs = [load_run_config(m) for m in members]
-    rows = select_rows(
-        request.data_root,
-        request.split,
-        request.ids_csv,
-        request.part,
-        members[0],
-        configs[0].in_channels,
-        request.packed,
-    )
-    _check_members(members, configs)
-    check_every_rank(
-        lambda: (
-            info.local_rank or preflight(rows.source, range(len(rows.ids)), configs[0].in_channels)
-        ),
-        info,
-    )
+    rows, in_channels = _rows(request, members, info)
     runs = [
         load_run_inputs(m, request.checkpoint, request.thresholds or default_thr) for m in members
     ]
-    thresholds = _thresholds(request, runs, default_thr)
+    rare = (
+        [load_run_inputs(d, request.checkpoint) for d in rare_runs(members)] if request.rare else []
+    )
+    thresholds = _with_rare_thresholds(_thresholds(request, runs, default_thr), rare)
     predictors = build_predictors(
-        runs, rows, info, request.batch_size, request.workers, request.loader
+        runs + rare, rows, info, request.batch_size, request.workers, request.loader
     )
     t0 = time.perf_counter()
     got = [p.probs(views, request.progress) for p in predictors]
     seconds = time.perf_counter() - t0
     if not info.is_main:
         return None
-    weights = [len(p.models) for p in predictors]
+    weights = [p.main_models for p in predictors]
     probs = sum(w * g[1].astype(np.float64) for w, g in zip(weights, got)) / sum(weights)
     probs = probs.astype(np.float32) if len(got) > 1 else got[0][1]
     result = PredictResult(
@@ -156,6 +151,41 @@ def run_request(request: PredictRequest, info: DistInfo) -> PredictResult | None
     write_outputs(result)
     validate_submission(request.out, rows.ids, request.at_least_one)
     return result
+
+
+def _rows(request: PredictRequest, members, info: DistInfo):
+    """The rows to predict (cheap checks first: Ids, then every file's header)."""
+    configs = [load_run_config(m) for m in members]
+    channels = configs[0].in_channels
+    rows = select_rows(
+        request.data_root,
+        request.split,
+        request.ids_csv,
+        request.part,
+        members[0],
+        channels,
+        request.packed,
+    )
+    _check_members(members, configs)
+    check_every_rank(
+        lambda: info.local_rank or preflight(rows.source, range(len(rows.ids)), channels), info
+    )
+    return rows, channels
+
+
+def _with_rare_thresholds(thresholds: np.ndarray, rare) -> np.ndarray:
+    """The main thresholds, with each rare-label model's own (fitted on its dev part) for its
+    labels (the mean where several models cover one label)."""
+    if not rare:
+        return thresholds
+    out = np.array(thresholds, dtype=np.float64)
+    per_label: dict[int, list[float]] = {}
+    for run in rare:
+        for k, label in enumerate(run.config.label_indices):
+            per_label.setdefault(label, []).append(float(run.thresholds[k]))
+    for label, values in per_label.items():
+        out[label] = float(np.mean(values))
+    return out
 
 
 def _check_members(members, configs) -> None:

@@ -13,6 +13,7 @@ resumed run restores the generators afterwards and continues bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fasthpa.checkpoint import load_checkpoint
 from fasthpa.config import TrainConfig, parse_fold
 from fasthpa.data.contract import AugmentConfig, BatchLoader
 from fasthpa.data.loader import build_loader
@@ -214,7 +216,25 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> DataParts:
     # every file the run will read, checked before training (one local rank per node)
     rows = np.concatenate([train_idx, dev_idx, test_idx])
     check_every_rank(lambda: info.local_rank or preflight(source, rows, cfg.in_channels), info)
+    if cfg.data.labels is not None:  # a model of some labels only (fasthpa rare)
+        source = dataclasses.replace(source, targets=source.targets[:, list(cfg.label_indices)])
+        train_idx = _enriched(train_idx, source.targets, cfg.data.positive_share, cfg.run.seed)
     return DataParts(source, train_idx, dev_idx, test_idx, stats)
+
+
+def _enriched(rows: np.ndarray, targets: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """``rows`` cut to its positives (any of the targets' labels) and random negatives making
+    the positives ``share`` of the whole (all of ``rows`` when ``share`` is 0)."""
+    if share <= 0:
+        return rows
+    positive = targets[rows].any(axis=1)
+    pos, neg = rows[positive], rows[~positive]
+    if len(pos) == 0:
+        raise UserError("--labels: the training part holds no positive of these labels.")
+    want = int(round(len(pos) * (1 - share) / share))
+    rng = np.random.default_rng([seed, 0x9A7E])
+    negatives = rng.choice(neg, size=min(want, len(neg)), replace=False)
+    return np.sort(np.concatenate([pos, negatives]))
 
 
 def _split(cfg: TrainConfig, run_dir: Path, source: DataSource, info: DistInfo) -> np.ndarray:
@@ -286,9 +306,9 @@ def _model(cfg: TrainConfig, info: DistInfo) -> tuple[nn.Module, dict[str, Any]]
         return load_pretrained(spec, arch)
 
     pretrained = decide_on_main(read, info)
-    return build_model(
+    model, model_info = build_model(
         arch,
-        num_classes=NUM_LABELS,
+        num_classes=len(cfg.label_indices),
         in_channels=cfg.in_channels,
         pretrained=pretrained,
         yellow_init=m.yellow_init,
@@ -296,6 +316,30 @@ def _model(cfg: TrainConfig, info: DistInfo) -> tuple[nn.Module, dict[str, Any]]
         freeze_backbone=m.freeze_backbone,
         dropout=m.dropout,
     )
+    if m.init_from:
+        state = decide_on_main(lambda: _init_state(cfg), info)
+        model.load_state_dict(state)
+        model_info["init_from"] = m.init_from
+    return model, model_info
+
+
+def _init_state(cfg: TrainConfig) -> dict[str, Any]:
+    """``--init-from``'s model state for this model: the same network, and the classifier's
+    rows of ``--labels`` (a UserError naming the file when it does not fit)."""
+    path = Path(cfg.model.init_from)
+    ckpt = load_checkpoint(path)
+    if ckpt.get("arch") != cfg.model.arch or ckpt.get("in_channels") != cfg.in_channels:
+        raise UserError(
+            f"--init-from {path}: a {ckpt.get('arch')} on {ckpt.get('in_channels')} channels, "
+            f"not the {cfg.model.arch} on {cfg.in_channels} this run trains."
+        )
+    state = dict(ckpt["model"])
+    rows = list(cfg.label_indices)
+    weight = state.get("fc.weight")
+    if weight is None or weight.shape[0] != NUM_LABELS:
+        raise UserError(f"--init-from {path}: its classifier does not have {NUM_LABELS} outputs.")
+    state["fc.weight"], state["fc.bias"] = weight[rows].clone(), state["fc.bias"][rows].clone()
+    return state
 
 
 def _plan(cfg: TrainConfig, batches: int, data: DataParts, info: DistInfo) -> StepPlan:

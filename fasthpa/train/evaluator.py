@@ -22,6 +22,7 @@ from fasthpa.checkpoint import load_checkpoint
 from fasthpa.distributed import DistInfo, broadcast_object
 from fasthpa.evaluate import predict_probs
 from fasthpa.io import atomic_write_bytes
+from fasthpa.labels import LABEL_NAMES
 from fasthpa.thresholds import (
     ThresholdResult,
     fit_thresholds,
@@ -53,7 +54,8 @@ class Evaluator:
         if run.info.is_main:
             rows, probs = got
             labels = run.data.targets[rows]
-            fit = fit_thresholds(probs, labels, method="exact")
+            names = [LABEL_NAMES[i] for i in run.cfg.label_indices]
+            fit = fit_thresholds(probs, labels, method="exact", label_names=names)
             metrics = _dev_row(fit, per_label_metrics(probs, labels, fit.thresholds))
             improved = fit.macro_f1_tuned > state.best_f1
             if improved:
@@ -82,7 +84,7 @@ class Evaluator:
         loader = part_loader(run.cfg, run.data, rows_, False, run.augment, run.amp, single)
         rows, probs = predict_probs(run.model, loader, single, len(run.data.test_idx), run.autocast)
         labels = run.data.targets[rows]
-        thresholds = load_thresholds(run.run_dir / "thresholds.json")
+        thresholds = load_thresholds(run.run_dir / "thresholds.json", len(run.cfg.label_indices))
         return {
             "test_samples": int(len(rows)),
             "test_macro_f1_at_0.5": per_label_metrics(probs, labels, 0.5)["macro_f1"],

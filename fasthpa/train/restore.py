@@ -54,6 +54,7 @@ def checkpoint_payload(run: Run, state: TrainState) -> dict[str, Any]:
         "config": run.cfg.to_dict(),
         "arch": run.cfg.model.arch,
         "in_channels": run.cfg.in_channels,
+        "labels": list(run.cfg.label_indices),
         "model_info": run.model_info,
         "stats": vars(run.data.stats),
     }
