@@ -40,22 +40,16 @@ fi
 
 # the synthetic test set has a hidden truth: score the submission like the Kaggle leaderboard
 "$PY" - "$DIR/submission.csv" "$DIR/data/test_labels.csv" <<'PY'
-import csv
 import sys
 
-import numpy as np
-from fasthpa.data.dataset import read_targets_csv
-from fasthpa.thresholds import per_label_metrics
+from fasthpa.predict.score import score_submission
 
-rows = list(csv.DictReader(open(sys.argv[1])))
-truth_ids, truth = read_targets_csv(sys.argv[2])
-index = {i: k for k, i in enumerate(truth_ids)}
-pred = np.zeros_like(truth)
-for r in rows:
-    for lab in r["Predicted"].split():
-        pred[index[r["Id"]], int(lab)] = 1
-m = per_label_metrics(pred.astype(np.float32), truth, 0.5)
-print(f"[demo] submission macro F1 on the synthetic test set: {m['macro_f1']:.4f} ({len(rows)} samples)")
+s = score_submission(sys.argv[1], sys.argv[2])
+print(
+    f"[demo] submission macro F1 on the synthetic test set: {s['macro_f1']:.4f} ({s['samples']} "
+    f"samples; rarest 9 labels {s['rare_macro_f1']:.4f}; {s['labels_per_row']:.2f} labels per "
+    f"row predicted, {s['labels_per_row_true']:.2f} true)"
+)
 PY
 
 "$FASTHPA" report "$DIR/run" --out "$DIR/report"

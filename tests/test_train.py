@@ -375,3 +375,16 @@ def test_noise_scale_meter_logs_on_log_steps_and_needs_two_batch_sizes(
     assert run_main(tiny_args(synth_root, tmp_path / "one", "--noise-scale")) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: " + NOISE_SCALE_REQUIREMENT
+
+
+def test_the_input_bound_note_comes_once_the_waits_are_measured():
+    from fasthpa.train.meter import input_bound_hint
+
+    assert input_bound_hint([0.9, 0.1, 0.2], "torch") is None  # the first row is start-up
+    note = input_bound_hint([0.9, 0.5, 0.7], "dali-gpu")
+    assert note.startswith(
+        "note: the steps spent 60% of their time waiting for data (loader dali-gpu)"
+    )
+    assert "--loader resident" in note and "fasthpa pack --format" in note
+    assert input_bound_hint([0.9, 0.5, 0.7], "resident") is None  # nothing left to hold
+    assert input_bound_hint([0.9, 0.5], "torch") is None  # one measured row is not enough

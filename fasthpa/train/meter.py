@@ -36,6 +36,8 @@ class StepMeter:
         self.log_every = run.cfg.run.log_every
         self.losses = torch.zeros(self.log_every, device=run.device)
         self.device_stats = DeviceStats(run.device)
+        self.wait_shares: list[float] = []
+        self.hinted = False
         self.start_epoch(0)
 
     def start_epoch(self, step: int) -> None:
@@ -76,10 +78,21 @@ class StepMeter:
         row = self._row(epoch, step, float(losses.mean()))
         if self.run.noise is not None:  # on every rank: read() all-reduces under DDP
             row |= self.run.noise.read()
+        self._hint_if_input_bound(row)
         self.history.log(**row)
         self.progress.update(row)
         self.t_log, self.data_wait, self.steps_since_log = time.perf_counter(), 0.0, 0
         return float(flags[0]) > 0
+
+    def _hint_if_input_bound(self, row: dict[str, Any]) -> None:
+        """Say once (rank 0) when the steps wait for data: the figure and the fix."""
+        self.wait_shares.append(row["data_wait_share"])
+        if self.hinted or not self.run.info.is_main:
+            return
+        hint = input_bound_hint(self.wait_shares, self.run.train_loader.backend)
+        if hint is not None:
+            print(hint, flush=True)
+            self.hinted = True
 
     def _row(self, epoch: int, step: int, loss: float) -> dict[str, Any]:
         elapsed = max(time.perf_counter() - self.t_log, 1e-9)
@@ -114,6 +127,27 @@ class StepMeter:
         """Mean training loss of the epoch over all ranks (a sync: call it after the epoch)."""
         total = all_reduce_sum(self.epoch_loss.clone(), self.run.info) / self.run.info.world_size
         return float(total / max(1, self.epoch_steps))
+
+
+INPUT_BOUND_SHARE = 0.25
+"""the share of step time spent waiting for data above which the trainer says it is input-bound"""
+
+
+def input_bound_hint(wait_shares: list[float], backend: str) -> str | None:
+    """The one-line note when the log steps so far (the first, which includes start-up, left
+    out) spent more than INPUT_BOUND_SHARE of their time waiting for batches; else None."""
+    measured = wait_shares[1:]
+    if len(measured) < 2 or backend.startswith("resident"):
+        return None
+    share = sum(measured) / len(measured)
+    if share <= INPUT_BOUND_SHARE:
+        return None
+    return (
+        f"note: the steps spent {100 * share:.0f}% of their time waiting for data (loader "
+        f"{backend}): the input pipeline, not the model, sets the pace. Hold the decoded data in "
+        f"memory (--loader resident, when it fits), read a decoded pack (fasthpa pack --format "
+        f"npy or lz4, then --packed DIR), or give the loader more --workers."
+    )
 
 
 class DeviceStats:
