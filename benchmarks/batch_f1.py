@@ -10,7 +10,8 @@ the gradient noise scale B_simple the trainer measures, and the batch size to us
 
 Learning-rate rule (``--lr-rule``), from ``--base-lr`` at ``--base-batch`` (the reference recipe:
 Adam 1e-3 at batch 8), B being the global batch of the run, with a linear warm-up over the first
-``--warmup-epochs`` (1) epochs:
+``--warmup-epochs`` (1) epochs and a constant rate after it (``--lr-schedule constant``, so the
+steps to a target depend on the batch rather than on a decaying schedule's position):
 
 - ``sqrt`` (default; Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
   Algorithms", the square-root rule for Adam): lr = base_lr * sqrt(B / base_B);
@@ -76,6 +77,8 @@ from common import (
     write_results,
 )
 
+from fasthpa.data.contract import BACKENDS  # noqa: E402
+
 LR_RULES = ("sqrt", "linear")
 NOISE_FLAG = "--noise-scale"
 
@@ -139,6 +142,9 @@ def trainer_command(
     cmd = [sys.executable, "-m", "fasthpa.train", "--data", str(root), "--out", str(run_dir)]
     cmd += ["--batch-size", str(batch), "--lr", repr(lr), "--epochs", str(opts.epochs)]
     cmd += ["--warmup-epochs", repr(opts.warmup_epochs), "--eval-every", "1"]
+    # a constant rate after the warm-up: steps to a target F1 then depend on the batch, not on
+    # where a decaying schedule happens to be after a fixed number of epochs
+    cmd += ["--lr-schedule", "constant"]
     cmd += ["--image-size", str(opts.image_size), "--split", split, "--seed", str(seed)]
     cmd += ["--device", opts.device, "--pretrained", opts.pretrained, "--loader", opts.loader]
     cmd += ["--log-every", str(opts.log_every), "--no-progress"]
@@ -817,7 +823,7 @@ def parse_options(argv: list[str] | None = None) -> Options:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--pretrained", default="auto", help="passed to the trainer")
     p.add_argument("--workers", type=int, default=None, help="passed to the trainer")
-    p.add_argument("--loader", default="auto", choices=("auto", "torch", "dali", "cache"))
+    p.add_argument("--loader", default="auto", choices=BACKENDS)
     p.add_argument("--log-every", type=int, default=None, help="trainer log interval (steps)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per run")
