@@ -36,6 +36,7 @@ from fasthpa.loss import FOCAL_VARIANTS, LOSSES
 from fasthpa.model import HEADS, YELLOW_INITS
 from fasthpa.recipes import DEFAULT_RECIPE, RECIPES, merge, recipe_values
 from fasthpa.runtime import AMP_CHOICES, COMPILE_MODES, LR_SCHEDULES
+from fasthpa.thresholds.rules import RULE_CHOICES
 from fasthpa.weights import ARCHS
 
 
@@ -267,6 +268,24 @@ class RunConfig:
         "RUN/tb. Needs the tensorboard package (pip install 'fasthpa[tensorboard]')",
         const="RUN/tb",
     )
+    threshold_rule: str = _f(
+        "exact",
+        "how per-label thresholds are fitted (dev part; cv: out of fold; --refit-heads: the "
+        "refit's out-of-fold scores): exact F1 cuts, a rule, or auto (the rule that scores best "
+        "on rows it was not fitted on)",
+        RULE_CHOICES,
+    )
+    lpr_tolerance: float | None = _f(
+        None,
+        "with auto: only rules whose predicted labels per row are within this fraction of the "
+        "truth's (e.g. 0.3)",
+    )
+    refit_heads: bool = _f(
+        False,
+        "after training, refit the classifier to convergence on the training part's features "
+        "(a logistic regression per label) and fit thresholds on its out-of-fold scores",
+    )
+    refit_c: float = _f(0.3, "inverse L2 strength of the refit (scikit-learn's C)")
     noise_scale: bool = _f(
         False,
         "measure the gradient noise scale B_simple (McCandlish et al. 2018) on log steps; needs "
@@ -278,6 +297,8 @@ class RunConfig:
         for name in ("epochs", "batch_size", "log_every", "eval_every", "max_steps"):
             _check_range(self, name, 1)
         _check_range(self, "checkpoint_every", 0)
+        _check_range(self, "lpr_tolerance", 0.0, 10.0)
+        _check_range(self, "refit_c", 0.0, 1e6, lo_open=True)
         _check_range(self, "seed", 0)
 
 

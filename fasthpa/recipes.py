@@ -20,7 +20,12 @@ from typing import Any
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "reference": {},
     "fasthpa": {
-        "run": {"batch_size": 32},
+        "run": {
+            "batch_size": 32,
+            "refit_heads": True,
+            "threshold_rule": "auto",
+            "lpr_tolerance": 0.3,
+        },
         "optim": {"lr": 3e-3, "lr_schedule": "onecycle"},
         "speed": {"amp": "auto"},
     },

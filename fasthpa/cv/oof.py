@@ -22,7 +22,7 @@ from fasthpa.data.dataset import read_targets_csv
 from fasthpa.errors import UserError
 from fasthpa.io import atomic_write_bytes, atomic_write_json
 from fasthpa.thresholds import per_label_metrics, write_thresholds_json
-from fasthpa.thresholds.rules import fit_default_rule
+from fasthpa.thresholds.rules import decode, fit_configured
 
 SAME = (("data", "data"), ("data", "image_size"), ("data", "channels"), ("model", "arch"))
 
@@ -33,21 +33,25 @@ def collect_oof(cv_dir: Path) -> dict[str, Any]:
     folds = read_fold_dirs(cv_dir)
     _check_same_experiment(folds)
     ids, probs, labels, per_fold = _gather(folds)
-    fit = fit_default_rule(probs, labels)
+    cfg = load_config(folds[0] / "config.json")
+    result, record = fit_configured(
+        probs, labels, cfg.run.threshold_rule, labels.mean(0), cfg.run.seed, cfg.run.lpr_tolerance
+    )
     oof_path = cv_dir / "oof_probs.npz"
     buf = io.BytesIO()
     np.savez(buf, ids=np.asarray(ids), probs=probs, labels=labels.astype(np.uint8))
     atomic_write_bytes(oof_path, buf.getvalue())
-    write_thresholds_json(cv_dir / "thresholds.json", fit.result, {"fitted_on": str(oof_path)})
-    tuned = per_label_metrics(probs, labels, fit.result.thresholds)
-    predicted = np.asarray(probs >= fit.result.thresholds, dtype=np.int64).sum(1)
+    extra = {"fitted_on": str(oof_path), "rule": record}
+    write_thresholds_json(cv_dir / "thresholds.json", result, extra)
+    tuned = per_label_metrics(probs, labels, result.thresholds)
+    predicted = decode(probs, result.thresholds).sum(1)
     summary = {
         "folds": per_fold,
         "oof_samples": len(ids),
         "oof_macro_f1_at_0.5": float(per_label_metrics(probs, labels, 0.5)["macro_f1"]),
         "oof_macro_f1_tuned": float(tuned["macro_f1"]),
-        "threshold_rule": fit.rule,
-        "threshold_rule_crossfit_macro_f1": fit.crossfit_f1,
+        "threshold_rule": record["rule"],
+        "threshold_rule_crossfit_macro_f1": record.get("cv_macro_f1"),
         "labels_per_row_predicted": float(predicted.mean()),
         "labels_per_row_true": float(labels.sum(1).mean()),
         "oof_per_label_f1": np.asarray(tuned["f1"]).round(6).tolist(),
@@ -124,7 +128,7 @@ def _print(summary: dict[str, Any], cv_dir: Path) -> None:
     print(
         f"out of fold ({summary['oof_samples']} rows): macro F1 {summary['oof_macro_f1_at_0.5']:.4f}"
         f" at 0.5, {summary['oof_macro_f1_tuned']:.4f} with thresholds fitted on them (rule "
-        f"{summary['threshold_rule']}, cross-fitted {summary['threshold_rule_crossfit_macro_f1']:.4f}); "
+        f"{summary['threshold_rule']}); "
         f"labels per row {summary['labels_per_row_predicted']:.2f} predicted, "
         f"{summary['labels_per_row_true']:.2f} true; wrote {cv_dir / 'thresholds.json'}"
     )

@@ -25,11 +25,11 @@ from fasthpa.io import atomic_write_bytes
 from fasthpa.labels import LABEL_NAMES
 from fasthpa.thresholds import (
     ThresholdResult,
-    fit_thresholds,
     load_thresholds,
     per_label_metrics,
     write_thresholds_json,
 )
+from fasthpa.thresholds.rules import fit_configured
 from fasthpa.train.build import Run, part_loader
 from fasthpa.train.restore import TrainState
 
@@ -55,7 +55,11 @@ class Evaluator:
             rows, probs = got
             labels = run.data.targets[rows]
             names = [LABEL_NAMES[i] for i in run.cfg.label_indices]
-            fit = fit_thresholds(probs, labels, method="exact", label_names=names)
+            rates = run.data.targets[run.data.train_idx].mean(axis=0)
+            r = run.cfg.run
+            fit, _ = fit_configured(
+                probs, labels, r.threshold_rule, rates, r.seed, r.lpr_tolerance, names
+            )
             metrics = _dev_row(fit, per_label_metrics(probs, labels, fit.thresholds))
             improved = fit.macro_f1_tuned > state.best_f1
             if improved:

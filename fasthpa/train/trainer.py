@@ -14,6 +14,7 @@ fasthpa.errors.UserError (the command line turns it into one line and exit statu
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from fasthpa.train.history import History
 from fasthpa.train.loop import LoopParts, fit
 from fasthpa.train.meter import StepMeter
 from fasthpa.train.progress import EpochProgress
+from fasthpa.train.refit import refit_heads
 from fasthpa.train.restore import TrainState, restore
 from fasthpa.train.step import LossHook
 from fasthpa.train.tensorboard import TensorBoardLog, summary_writer_class
@@ -212,6 +214,14 @@ def _finish(run: Run, state: TrainState, evaluator: Evaluator) -> dict[str, Any]
         return {}
     epochs = state.epoch + (1 if state.batch_in_epoch else 0)  # started, counting a cut-short one
     final = {"best_dev_macro_f1_tuned": state.best_f1, "steps": state.step, "epochs": epochs}
+    if run.cfg.run.refit_heads and (run.run_dir / "best.pt").exists():
+        t0 = time.perf_counter()
+        final["refit"] = refit_heads(run, run.cfg.run.seed)
+        final["refit_s"] = round(time.perf_counter() - t0, 2)
+        run.say(
+            f"refit the classifier on the training part's features: thresholds by rule "
+            f"{final['refit']['rule']} on its out-of-fold scores ({final['refit_s']} s)"
+        )
     final |= evaluator.test_metrics()
     atomic_write_json(run.run_dir / "final_metrics.json", final)
     line = f"done: best dev macro F1 (tuned) {state.best_f1:.4f}"
