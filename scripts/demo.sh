@@ -29,9 +29,9 @@ if [ ! -f "$DIR/data/train.csv" ]; then
 fi
 "$FASTHPA" check "$DIR/data"
 
+# fasthpa's default recipe (fasthpa/recipes.py); --recipe reference would run the report's
 "${TRAIN[@]}" --data "$DIR/data" --out "$DIR/run" --epochs "$EPOCHS" --batch-size "$BATCH" \
-    --image-size "$IMAGE" --split 0.8,0.1,0.1 --lr 1e-3 --lr-schedule cosine --warmup-epochs 1 \
-    --workers 2 --log-every 10
+    --image-size "$IMAGE" --split 0.8,0.1,0.1 --workers 2 --log-every 10
 
 # thresholds refitted from the run's dev probabilities, shown as a table (the trainer wrote its own)
 "$FASTHPA" thresholds --probs "$DIR/run/dev_probs.npz" --out "$DIR/thresholds.json"

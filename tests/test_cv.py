@@ -27,7 +27,7 @@ FAST = {"loader": "torch", "workers": 0}
 def cv_args(root: Path, out: Path, *extra: str) -> list[str]:
     flags = (
         "--folds 2 --image-size 32 --batch-size 8 --workers 0 --loader torch --no-progress "
-        "--pretrained none --epochs 1 --log-every 2"
+        "--pretrained none --epochs 1 --log-every 2 --recipe reference"
     )
     return ["--data", str(root), "--out", str(out), *flags.split(), *extra]
 

@@ -41,7 +41,7 @@ sys.exit(main(sys.argv[2:], hooks))
 
 ARGS = (
     "--data data --out run --image-size 32 --batch-size 4 --workers 0 --loader torch "
-    "--no-progress --pretrained none --split 0.75,0.125,0.125 --log-every 2 --seed 1 --epochs 2"
+    "--no-progress --pretrained none --split 0.75,0.125,0.125 --log-every 2 --seed 1 --epochs 2 --recipe reference"
 ).split()
 
 

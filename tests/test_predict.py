@@ -58,6 +58,8 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
             "--no-progress",
             "--pretrained",
             "none",
+            "--recipe",
+            "reference",
             "--epochs",
             "1",
             "--split",

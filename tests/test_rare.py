@@ -35,7 +35,7 @@ def run(tmp_path_factory) -> Path:
     generate(root, n=60, size=32, test_n=8, seed=6, workers=1)
     flags = (
         "--image-size 32 --batch-size 8 --workers 0 --loader torch --no-progress --pretrained none "
-        "--epochs 1 --log-every 4 --split 0.6,0.2,0.2"
+        "--epochs 1 --log-every 4 --split 0.6,0.2,0.2 --recipe reference"
     )
     assert train_main(["--data", str(root), "--out", str(run), *flags.split()]) == 0
     summary = train_rare_models(run, labels=[8, 27], epochs=1, overrides={"data": FAST})

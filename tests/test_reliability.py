@@ -40,7 +40,7 @@ BACKENDS = [
 ]
 FLAGS = (
     "--image-size 32 --batch-size 8 --no-progress --pretrained none --epochs 1 "
-    "--split 0.75,0.125,0.125 --log-every 2 --seed 1"
+    "--split 0.75,0.125,0.125 --log-every 2 --seed 1 --recipe reference"
 ).split()
 
 

@@ -50,6 +50,8 @@ def tiny_run(tmp_path_factory) -> Path:
             "--no-progress",
             "--pretrained",
             "none",
+            "--recipe",
+            "reference",
             "--epochs",
             "2",
             "--split",

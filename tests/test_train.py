@@ -33,30 +33,12 @@ def synth_root(tmp_path_factory) -> Path:
 
 
 def tiny_args(root: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--data",
-        str(root),
-        "--out",
-        str(out),
-        "--image-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--workers",
-        "0",
-        "--loader",
-        "torch",
-        "--no-progress",
-        "--pretrained",
-        "none",
-        "--split",
-        "0.75,0.125,0.125",
-        "--log-every",
-        "2",
-        "--seed",
-        "1",
-        *extra,
-    ]
+    """A tiny run of the trainer's machinery (the reference recipe: no refit at the end)."""
+    flags = (
+        "--image-size 32 --batch-size 8 --workers 0 --loader torch --no-progress --pretrained none "
+        "--split 0.75,0.125,0.125 --log-every 2 --seed 1 --recipe reference"
+    )
+    return ["--data", str(root), "--out", str(out), *flags.split(), *extra]
 
 
 def run_main(argv: list[str], hooks: TrainHooks | None = None) -> int:
