@@ -189,6 +189,9 @@ def base_flags(opts: Options, full_size: int, epochs: int, split: str) -> list[s
         "rgby",
         "--no-freeze-backbone",
         "--no-progress",
+        # the report's experiments: its recipe (constant lr, fp32, exact dev thresholds, no refit)
+        "--recipe",
+        "reference",
     ]
     if opts.workers is not None:
         flags += ["--workers", str(opts.workers)]

@@ -301,6 +301,8 @@ def choose_rule(
     )
 
 
+AUTO_MIN_ROWS = 20
+"""below this many fitting rows ``auto`` fits exact cuts (cross-fitting needs rows to hold out)"""
 RULE_CHOICES = ("auto", *DEFAULT_RULES)
 """``--threshold-rule`` choices: a rule, or ``auto`` (the best of DEFAULT_RULES by cross-fitting)"""
 
@@ -318,6 +320,9 @@ def fit_configured(
     thresholds.json payload: F1 at 0.5 and at the thresholds on the fitting rows), and what the
     choice found (the cross-fitted scores) for the record."""
     probs, labels = np.asarray(probs), np.asarray(labels)
+    if rule == "auto" and len(probs) < AUTO_MIN_ROWS:  # too few rows to hold any out
+        result = fit_thresholds(probs, labels, "exact", label_names=label_names)
+        return result, {"rule": "exact", "note": f"auto needs {AUTO_MIN_ROWS} rows"}
     if rule == "exact":
         return fit_thresholds(probs, labels, "exact", label_names=label_names), {"rule": "exact"}
     if rule == "auto":

@@ -23,6 +23,7 @@ from fasthpa.distributed import DistInfo, broadcast_object
 from fasthpa.evaluate import predict_probs
 from fasthpa.io import atomic_write_bytes
 from fasthpa.labels import LABEL_NAMES
+from fasthpa.runtime import intra_op_threads
 from fasthpa.thresholds import (
     ThresholdResult,
     load_thresholds,
@@ -57,9 +58,10 @@ class Evaluator:
             names = [LABEL_NAMES[i] for i in run.cfg.label_indices]
             rates = run.data.targets[run.data.train_idx].mean(axis=0)
             r = run.cfg.run
-            fit, _ = fit_configured(
-                probs, labels, r.threshold_rule, rates, r.seed, r.lpr_tolerance, names
-            )
+            with intra_op_threads(1):  # many tiny fits: see fasthpa.runtime
+                fit, _ = fit_configured(
+                    probs, labels, r.threshold_rule, rates, r.seed, r.lpr_tolerance, names
+                )
             metrics = _dev_row(fit, per_label_metrics(probs, labels, fit.thresholds))
             improved = fit.macro_f1_tuned > state.best_f1
             if improved:

@@ -30,6 +30,7 @@ from fasthpa.distributed import DistInfo
 from fasthpa.evaluate import predict_probs
 from fasthpa.io import atomic_write_bytes, atomic_write_json
 from fasthpa.labels import LABEL_NAMES
+from fasthpa.runtime import intra_op_threads
 from fasthpa.thresholds import write_thresholds_json
 from fasthpa.thresholds.rules import fit_configured, fold_assignment
 from fasthpa.train.build import Run, part_loader
@@ -141,12 +142,13 @@ def refit_heads(run: Run, seed: int) -> dict[str, Any]:
     feats = pooled_features(run.model, loader, rows, run.autocast)
     labels = run.data.targets[rows]
     l2 = 1.0 / (cfg.run.refit_c * len(rows))
-    heads = fit_linear_heads(feats, labels, l2, device=run.device)
-    oof = oof_linear_heads(feats, labels, l2, folds=REFIT_FOLDS, seed=seed, device=run.device)
     names = [LABEL_NAMES[i] for i in cfg.label_indices]
-    result, record = fit_configured(
-        oof, labels, cfg.run.threshold_rule, labels.mean(0), seed, cfg.run.lpr_tolerance, names
-    )
+    with intra_op_threads(1):  # small ops: thread hand-offs would cost more than the arithmetic
+        heads = fit_linear_heads(feats, labels, l2, device=run.device)
+        oof = oof_linear_heads(feats, labels, l2, folds=REFIT_FOLDS, seed=seed, device=run.device)
+        result, record = fit_configured(
+            oof, labels, cfg.run.threshold_rule, labels.mean(0), seed, cfg.run.lpr_tolerance, names
+        )
     with torch.no_grad():
         run.model.fc.weight.copy_(heads.weight.to(run.model.fc.weight))
         run.model.fc.bias.copy_(heads.bias.to(run.model.fc.bias))
