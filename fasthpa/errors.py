@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 EXIT_USER_ERROR = 2
+EXIT_WORKER_DIED = 1
 
 F = TypeVar("F", bound=Callable[..., int | None])
 
@@ -48,8 +49,23 @@ def exit_on_user_error(fn: F) -> F:
             prefix = "" if rank == "0" else f"[rank {rank}] "
             print(f"{prefix}error: {e}", file=sys.stderr)
             raise SystemExit(EXIT_USER_ERROR) from None
+        except RuntimeError as e:
+            if not str(e).startswith("DataLoader worker"):
+                raise
+            print(f"error: {worker_death_message(e)}", file=sys.stderr)
+            raise SystemExit(EXIT_WORKER_DIED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def worker_death_message(e: RuntimeError) -> str:
+    """One sentence for torch's "DataLoader worker (pid N) is killed by signal: ..." (raised
+    anywhere in the main process, by its SIGCHLD handler): what died and the usual cause."""
+    what = str(e).strip().rstrip(".")
+    return (
+        f"a data loader worker process died ({what}); the usual cause is the out-of-memory "
+        "killer: fewer --workers or a smaller --batch-size need less memory"
+    )
 
 
 class OneLineParser(argparse.ArgumentParser):

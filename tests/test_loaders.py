@@ -362,6 +362,30 @@ def test_torch_workers_match_in_process(dataset):
         assert np.array_equal(u, v) and np.array_equal(u, w)
 
 
+def test_torch_worker_signalled_as_it_starts_survives(dataset, monkeypatch):
+    """A scheduler's SIGTERM to the process group can reach a worker between its fork and its
+    worker_init_fn; the worker must not die of it (the main process saves and stops)."""
+    import multiprocessing.process
+    import os
+    import signal
+
+    start = multiprocessing.process.BaseProcess.start
+    signalled = []
+
+    def start_then_signal(self):
+        start(self)
+        os.kill(self.pid, signal.SIGTERM)  # the child is still starting up
+        signalled.append(self.pid)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", start_then_signal)
+    source = _source(dataset, "packed")
+    want = _collect(_load(source, np.arange(N), "torch", workers=0))
+    got = _collect(_load(source, np.arange(N), "torch", workers=2))
+    assert len(signalled) == 2
+    for u, v in zip(want, got):
+        assert np.array_equal(u, v)
+
+
 # ---------------------------------------------------------------- awkward PNG kinds
 
 

@@ -413,6 +413,28 @@ def test_sigterm_to_the_process_group_stops_cleanly_and_resumes_bit_identical(ba
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0, msg=k)
 
 
+def test_a_killed_loader_worker_is_one_sentence(base, tmp_path):
+    """The out-of-memory killer takes a worker: the trainer says so in one line, exit 1."""
+    argv = ["--data", str(base), *FLAGS, "--loader", "torch", "--workers", "1", "--epochs", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fasthpa.train", *argv, "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = tmp_path / "run" / "history.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if history.exists() and '"kind": "step"' in history.read_text():
+            break
+        time.sleep(0.05)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert children, "the torch loader with --workers 1 runs a worker process"
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err[-2000:]
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
+    assert "data loader worker process died" in err and "killed by signal" in err
+
+
 def test_atomic_writes_keep_the_old_file_when_the_new_one_fails(tmp_path):
     path = tmp_path / "thresholds.json"
     atomic_write_bytes(path, json.dumps({"thresholds": [0.5]}).encode())

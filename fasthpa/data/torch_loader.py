@@ -16,6 +16,9 @@ Call it through :func:`fasthpa.data.loader.build_loader` (``backend="torch"``).
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -131,15 +134,35 @@ def augment_and_normalise(
     return normalise(augment_on_device(pixels, draws, spec), spec)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM on this thread while the loader forks its workers: a child starts
+    with its parent's signal mask, so one signalled between its fork and
+    :func:`ignore_stop_signals` keeps the signal pending instead of dying of it. The main
+    process receives what arrived once the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 (DataLoader's signature)
     """In each worker: leave SIGINT/SIGTERM to the main process. A scheduler or a Ctrl-C sends
     them to the whole process group; a worker that died of them first would take the main
     process down with a traceback before it could save its checkpoint. The workers exit when
-    the main process shuts the loader down (or dies: they watch their parent)."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    the main process shuts the loader down (or dies: they watch their parent). Ignoring
+    first, then unblocking, drops what arrived while the worker started (held by
+    :func:`stop_signals_held`)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class TorchBatchLoader:
@@ -177,7 +200,9 @@ class TorchBatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         spec, dev = self.spec, self.spec.device
-        for item in self.loader:
+        with stop_signals_held():  # the first iter() forks the (persistent) workers
+            items = iter(self.loader)
+        for item in items:
             if isinstance(item, CarriedError):
                 item.reraise()
             pixels, rows, draws = item
