@@ -18,7 +18,7 @@ from fasthpa.data.dataset import read_targets_csv
 from fasthpa.errors import UserError
 from fasthpa.predict import predict
 from fasthpa.rare import rare_labels, train_rare_models
-from fasthpa.rare.models import rare_config
+from fasthpa.rare.models import batch_for, rare_config, subsample_rows
 from fasthpa.train.build import _init_state
 from fasthpa.train.cli import main as train_main
 
@@ -50,6 +50,10 @@ def test_each_rare_model_is_a_run_of_one_label_on_an_enriched_subsample(run):
         out = run / "rare" / f"label{label:02d}"
         cfg = load_config(out / "config.json")
         assert cfg.data.labels == str(label) and cfg.data.positive_share == 0.2
+        # thresholds at the label's real rate: the exact cut on the dev part, no refit
+        assert cfg.run.threshold_rule == "exact" and not cfg.run.refit_heads
+        rows = subsample_rows(run, main, label, 0.2)
+        assert cfg.run.batch_size == min(main.run.batch_size, batch_for(rows))
         assert cfg.model.init_from == str(run / "best.pt")
         assert (out / "split.csv").read_text() == (run / "split.csv").read_text()
         state = load_checkpoint(out / "best.pt")
@@ -67,9 +71,26 @@ def test_each_rare_model_is_a_run_of_one_label_on_an_enriched_subsample(run):
         assert rare_labels(run, below) == [i for i in range(28) if 0 < freq[i] < below]
 
 
+def test_a_rare_models_batch_leaves_two_batches_of_its_subsample():
+    assert [batch_for(n) for n in (1, 2, 3, 4, 5, 16, 17, 25, 64, 600)] == [
+        1,
+        1,
+        1,
+        2,
+        2,
+        8,
+        8,
+        8,
+        32,
+        256,
+    ]
+    for n in range(1, 300):
+        assert 2 * batch_for(n) <= max(2, n) and (batch_for(n) & (batch_for(n) - 1)) == 0
+
+
 def test_the_model_starts_from_the_runs_network_and_classifier_row(run):
     main = load_config(run / "config.json")
-    cfg = rare_config(main, run, 27, 0.2, 1, {})
+    cfg = rare_config(main, run, 27, 0.2, 1, {}, 100)
     state = _init_state(cfg)
     best = load_checkpoint(run / "best.pt")["model"]
     assert torch.equal(state["fc.weight"], best["fc.weight"][[27]])

@@ -37,6 +37,7 @@ def rare_config(
     share: float,
     epochs: int,
     overrides: dict[str, dict[str, Any]],
+    train_rows: int,
 ) -> TrainConfig:
     """The config of one rare-label model: the main run's, for one label, fine-tuned."""
     out = run_dir / "rare" / f"label{label:02d}"
@@ -49,12 +50,40 @@ def rare_config(
         split=str(out / "split.csv"),
     )
     model = dataclasses.replace(main.model, init_from=str(run_dir / "best.pt"), pretrained="none")
-    run = dataclasses.replace(main.run, out=str(out), epochs=epochs, resume=None, max_steps=None)
+    # the training subsample is enriched (positives make ``share`` of it): a refit's out-of-fold
+    # scores, or a prevalence rule, would set the threshold at that share rather than the
+    # label's real rate, so the threshold is the exact cut on the dev part (real prevalence)
+    run = dataclasses.replace(
+        main.run,
+        out=str(out),
+        epochs=epochs,
+        resume=None,
+        max_steps=None,
+        batch_size=min(main.run.batch_size, batch_for(train_rows)),
+        refit_heads=False,
+        threshold_rule="exact",
+    )
     cfg = dataclasses.replace(main, data=data, model=model, run=run)
     values = cfg.to_dict()
     for section, fields in overrides.items():
         values[section].update(fields)
     return TrainConfig.from_dict(values)
+
+
+def batch_for(rows: int) -> int:
+    """The largest power of two giving at least two batches of ``rows`` (a rare label's
+    subsample can hold fewer rows than the main run's batch)."""
+    return 1 << max(0, (max(2, rows) // 2).bit_length() - 1)
+
+
+def subsample_rows(run_dir: Path, main: TrainConfig, label: int, share: float) -> int:
+    """How many training rows the rare-label model of ``label`` gets (as the trainer's
+    enrichment draws them: every positive, negatives up to the share)."""
+    ids, targets = read_targets_csv(Path(main.data.data) / "train.csv")
+    part = read_split_csv(run_dir / "split.csv", ids) == SPLIT_NAMES.index("train")
+    pos = int(targets[part, label].sum())
+    want = int(round(pos * (1 - share) / share))
+    return pos + min(want, int(part.sum()) - pos)
 
 
 def train_rare_models(
@@ -77,7 +106,8 @@ def train_rare_models(
     if not chosen:
         raise UserError(f"--run {run_dir}: no label is rarer than --below {below} there.")
     for label in chosen:
-        cfg = rare_config(main, run_dir, label, share, epochs, overrides or {})
+        rows = subsample_rows(run_dir, main, label, share)
+        cfg = rare_config(main, run_dir, label, share, epochs, overrides or {}, rows)
         out = Path(cfg.run.out)
         out.mkdir(parents=True, exist_ok=True)
         for name in COPIED:  # the run's split and normalisation, so predict shares its loader
