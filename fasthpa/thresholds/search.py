@@ -1,21 +1,7 @@
 """The per-label threshold search and the metrics it is judged by (the library; the command is
 fasthpa.thresholds.cli).
 
-Command line (PROBS: a run's dev_probs.npz, an [N, 28] .npy, or a CSV of Id plus 28 columns;
-LABELS: a train.csv-style Id,Target file matched by Id, or an [N, 28] multi-hot .npy/.npz)::
-
-    fasthpa thresholds --probs runs/r1/dev_probs.npz --out runs/r1/thresholds_exact.json
-    fasthpa thresholds --probs dev.csv --labels train.csv --method grid --out thresholds.json
-    fasthpa thresholds --probs dev.npy --labels dev_labels.npy --rare-below 10 --out t.json
-
-Python (numpy arrays or torch tensors, [N, L]; runs on the GPU when the tensors are there)::
-
-    from fasthpa.thresholds import fit_thresholds, per_label_metrics, write_thresholds_json
-    result = fit_thresholds(probs, labels, method="exact")      # "exact" | "grid" | "prevalence"
-    result.thresholds, result.f1_tuned, result.macro_f1_tuned   # numpy [L], numpy [L], float
-    write_thresholds_json("thresholds.json", result)
-    per_label_metrics(probs, labels, result.thresholds)["macro_f1"]
-    apply_thresholds(test_probs, load_thresholds("thresholds.json"))  # bool [N, L]
+Usage: :mod:`fasthpa.thresholds`.
 
 How: one sort per label (integer keys: numpy's SIMD argsort on the CPU, torch.sort on the GPU)
 and a cumulative count of true positives give TP and predicted positives at any threshold, so
