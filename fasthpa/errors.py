@@ -43,19 +43,22 @@ def exit_on_user_error(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            # under torchrun an error may be met by one rank only: every rank says it, and
-            # ranks other than 0 say which they are
-            rank = os.environ.get("RANK", "0")
-            prefix = "" if rank == "0" else f"[rank {rank}] "
-            print(f"{prefix}error: {e}", file=sys.stderr)
+            print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
             raise SystemExit(EXIT_USER_ERROR) from None
         except RuntimeError as e:
             if not str(e).startswith("DataLoader worker"):
                 raise
-            print(f"error: {worker_death_message(e)}", file=sys.stderr)
+            print(f"{_rank_prefix()}error: {worker_death_message(e)}", file=sys.stderr)
             raise SystemExit(EXIT_WORKER_DIED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _rank_prefix() -> str:
+    """Under torchrun an error may be met by one rank only: every rank says it, and ranks
+    other than 0 say which they are."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" else f"[rank {rank}] "
 
 
 def worker_death_message(e: RuntimeError) -> str:
