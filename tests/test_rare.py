@@ -18,7 +18,7 @@ from fasthpa.data.dataset import read_targets_csv
 from fasthpa.errors import UserError
 from fasthpa.predict import predict
 from fasthpa.rare import rare_labels, train_rare_models
-from fasthpa.rare.models import batch_for, rare_config, subsample_rows
+from fasthpa.rare.models import batch_for, rare_config, subsample_rows, training_targets
 from fasthpa.train.build import _init_state
 from fasthpa.train.cli import main as train_main
 
@@ -52,7 +52,7 @@ def test_each_rare_model_is_a_run_of_one_label_on_an_enriched_subsample(run):
         assert cfg.data.labels == str(label) and cfg.data.positive_share == 0.2
         # thresholds at the label's real rate: the exact cut on the dev part, no refit
         assert cfg.run.threshold_rule == "exact" and not cfg.run.refit_heads
-        rows = subsample_rows(run, main, label, 0.2)
+        rows = subsample_rows(training_targets(run, main), label, 0.2)
         assert cfg.run.batch_size == min(main.run.batch_size, batch_for(rows))
         assert cfg.model.init_from == str(run / "best.pt")
         assert (out / "split.csv").read_text() == (run / "split.csv").read_text()

@@ -17,17 +17,21 @@ from fasthpa.io import atomic_write_json
 from fasthpa.labels import LABEL_NAMES
 from fasthpa.thresholds import load_thresholds, per_label_metrics
 from fasthpa.train import train
+from fasthpa.train.build import enriched_negatives
 
 COPIED = ("split.csv", "channel_stats.json")
 
 
 def rare_labels(run_dir: Path, below: float) -> list[int]:
     """Labels with positives in the run's training part but a frequency there under ``below``."""
-    cfg = load_config(run_dir / "config.json")
-    ids, targets = read_targets_csv(Path(cfg.data.data) / "train.csv")
-    part = read_split_csv(run_dir / "split.csv", ids) == SPLIT_NAMES.index("train")
-    freq = targets[part].mean(axis=0)
+    freq = training_targets(run_dir, load_config(run_dir / "config.json")).mean(axis=0)
     return [int(i) for i in np.flatnonzero((freq > 0) & (freq < below))]
+
+
+def training_targets(run_dir: Path, cfg: TrainConfig) -> np.ndarray:
+    """The multi-hot targets of the run's training part."""
+    ids, targets = read_targets_csv(Path(cfg.data.data) / "train.csv")
+    return targets[read_split_csv(run_dir / "split.csv", ids) == SPLIT_NAMES.index("train")]
 
 
 def rare_config(
@@ -76,14 +80,11 @@ def batch_for(rows: int) -> int:
     return 1 << max(0, (max(2, rows) // 2).bit_length() - 1)
 
 
-def subsample_rows(run_dir: Path, main: TrainConfig, label: int, share: float) -> int:
-    """How many training rows the rare-label model of ``label`` gets (as the trainer's
-    enrichment draws them: every positive, negatives up to the share)."""
-    ids, targets = read_targets_csv(Path(main.data.data) / "train.csv")
-    part = read_split_csv(run_dir / "split.csv", ids) == SPLIT_NAMES.index("train")
-    pos = int(targets[part, label].sum())
-    want = int(round(pos * (1 - share) / share))
-    return pos + min(want, int(part.sum()) - pos)
+def subsample_rows(targets: np.ndarray, label: int, share: float) -> int:
+    """How many training rows the rare-label model of ``label`` gets from a training part with
+    these ``targets`` (the trainer's enrichment: every positive, negatives up to the share)."""
+    pos = int(targets[:, label].sum())
+    return pos + enriched_negatives(pos, len(targets) - pos, share)
 
 
 def train_rare_models(
@@ -105,8 +106,9 @@ def train_rare_models(
     chosen = labels if labels is not None else rare_labels(run_dir, below)
     if not chosen:
         raise UserError(f"--run {run_dir}: no label is rarer than --below {below} there.")
+    targets = training_targets(run_dir, main)
     for label in chosen:
-        rows = subsample_rows(run_dir, main, label, share)
+        rows = subsample_rows(targets, label, share)
         cfg = rare_config(main, run_dir, label, share, epochs, overrides or {}, rows)
         out = Path(cfg.run.out)
         out.mkdir(parents=True, exist_ok=True)

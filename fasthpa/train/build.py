@@ -231,10 +231,15 @@ def _enriched(rows: np.ndarray, targets: np.ndarray, share: float, seed: int) ->
     pos, neg = rows[positive], rows[~positive]
     if len(pos) == 0:
         raise UserError("--labels: the training part holds no positive of these labels.")
-    want = int(round(len(pos) * (1 - share) / share))
     rng = np.random.default_rng([seed, 0x9A7E])
-    negatives = rng.choice(neg, size=min(want, len(neg)), replace=False)
+    negatives = rng.choice(neg, size=enriched_negatives(len(pos), len(neg), share), replace=False)
     return np.sort(np.concatenate([pos, negatives]))
+
+
+def enriched_negatives(positives: int, negatives: int, share: float) -> int:
+    """How many of ``negatives`` an enriched subsample keeps beside its ``positives`` so that
+    the positives make ``share`` of it (all of them when there are too few)."""
+    return min(int(round(positives * (1 - share) / share)), negatives)
 
 
 def _split(cfg: TrainConfig, run_dir: Path, source: DataSource, info: DistInfo) -> np.ndarray:
