@@ -12,8 +12,8 @@ is the real command in its own process, timed from start to exit:
 
 - ``reference``: ``fasthpa train --recipe reference`` (the report's recipe, exactly);
 - ``fasthpa``: ``fasthpa train`` (its default recipe, no recipe flags);
-- ``cv``: ``fasthpa cv --folds K`` at the same epochs per fold, then ``fasthpa predict --run
-  CVDIR`` (the folds averaged, out-of-fold thresholds).
+- ``cv``: ``fasthpa cv --folds K`` at the same epochs per fold (its stack on the folds' features
+  included), then ``fasthpa predict --run CVDIR`` (the stack and its out-of-fold thresholds).
 
 Every run then predicts the test split with ``fasthpa predict`` (the run's own thresholds,
 at-least-one on). Results: ``benchmarks/results/recipes_<device>_<date>.{json,md,png}``.

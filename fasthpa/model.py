@@ -136,15 +136,42 @@ class HPANet(nn.Module):
         self.fc = nn.Linear(num_features * (2 if head == "maxavg" else 1), num_classes)
         self.frozen_backbone = frozen_backbone
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, fc.in_features]: the pooled features the classifier reads."""
+        return self.pool(self.body(x)).flatten(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.body(x)).flatten(1)
-        return self.fc(self.dropout(x))
+        return self.fc(self.dropout(self.features(x)))
 
     def train(self, mode: bool = True) -> HPANet:
         super().train(mode)
         if mode and self.frozen_backbone:
             set_frozen_bn_eval(self)
         return self
+
+
+class StackedNet(nn.Module):
+    """Several HPANets read side by side, one Linear on their concatenated pooled features
+    (a cross-validation's stack, fasthpa.cv.stack)."""
+
+    def __init__(self, nets: list[HPANet], weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+        width = sum(n.fc.in_features for n in nets)
+        if weight.shape[1] != width:
+            raise ValueError(f"the stack reads {weight.shape[1]} features, the nets give {width}")
+        self.fc = nn.Linear(width, weight.shape[0])
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+            self.fc.bias.copy_(bias)
+        self.fc.to(next(nets[0].parameters()).device)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, sum of the nets' fc.in_features]: each net's pooled features, in order."""
+        return torch.cat([n.features(x) for n in self.nets], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).to(self.fc.weight.dtype))
 
 
 def set_frozen_bn_eval(model: nn.Module) -> int:

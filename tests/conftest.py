@@ -22,6 +22,28 @@ def _resident_cache_dir():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+_FAILED_FILES: set[str] = set()
+
+
+def pytest_runtest_logreport(report):
+    if report.failed:
+        _FAILED_FILES.add(report.nodeid.split("::")[0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_temp_dirs_removed(request, tmp_path_factory):
+    """A module's tmp_path_factory folders (trained runs of ~130 MB checkpoints) go when the
+    module ends, not when the session does: the suite then peaks at one module's files, not at
+    all of them (a full run once filled CI's disk). A module with a failed test keeps its own."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(os.listdir(base))
+    yield
+    if request.node.nodeid.split("::")[0] in _FAILED_FILES:
+        return
+    for name in set(os.listdir(base)) - before:
+        shutil.rmtree(base / name, ignore_errors=True)
+
+
 def _has_cuda() -> bool:
     try:
         import torch

@@ -1,6 +1,7 @@
 """`fasthpa cv` and fold ensembles on tiny synthetic data: out-of-fold probabilities cover every
-train row once, thresholds fitted on them, an interrupted cv resumes fold by fold, predict
-averages the folds, and bad input is one line."""
+train row once, thresholds fitted on them, the stack on all folds' features (predict's default
+for a cv folder; --no-stack averages the folds), an interrupted cv resumes fold by fold, and bad
+input is one line."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fasthpa.cv.cli import main as cv_main
 from fasthpa.data.dataset import read_targets_csv
+from fasthpa.distributed import DistInfo
 from fasthpa.errors import UserError
 from fasthpa.predict import predict
 from fasthpa.train import TrainHooks
@@ -78,8 +81,8 @@ def test_oof_probabilities_cover_train_once_and_fit_the_thresholds(data, cv_dir)
     assert stats == {(cv_dir / "channel_stats.json").read_text()}
 
 
-def test_predict_on_the_cv_folder_averages_the_folds(data, cv_dir, tmp_path):
-    both = predict(cv_dir, data, out=tmp_path / "cv.csv", **FAST)
+def test_predict_on_the_cv_folder_without_the_stack_averages_the_folds(data, cv_dir, tmp_path):
+    both = predict(cv_dir, data, out=tmp_path / "cv.csv", stack=False, **FAST)
     one = [predict(cv_dir / f, data, out=tmp_path / f"{f}.csv", **FAST) for f in ("fold0", "fold1")]
     mean = (one[0].probs.astype(np.float64) + one[1].probs) / 2
     np.testing.assert_allclose(both.probs, mean, rtol=0, atol=1e-6)
@@ -89,6 +92,68 @@ def test_predict_on_the_cv_folder_averages_the_folds(data, cv_dir, tmp_path):
     pair = predict([cv_dir / "fold0", cv_dir / "fold1"], data, out=tmp_path / "p.csv", **FAST)
     np.testing.assert_allclose(pair.probs, both.probs, rtol=0, atol=1e-6)
     np.testing.assert_allclose(pair.thresholds, (one[0].thresholds + one[1].thresholds) / 2)
+
+
+def _plain_stack_features(cv_dir: Path, data: Path, split: str) -> tuple[list[str], torch.Tensor]:
+    """Each fold network's pooled features, written out (body, pool, flatten), side by side."""
+    from fasthpa.predict.inputs import load_run_inputs, select_rows
+    from fasthpa.predict.predictor import _model, build_predictor
+
+    folds = [cv_dir / "fold0", cv_dir / "fold1"]
+    runs = [load_run_inputs(f, "best") for f in folds]
+    rows = select_rows(data, split, None, None, folds[0], 4)
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    loader = build_predictor(runs, rows, cpu, workers=0, backend="torch").loader
+    nets = [_model(r, cpu.device) for r in runs]
+    out = torch.zeros((len(rows.ids), 512 * len(nets)))
+    with torch.no_grad():
+        for x, _, idx in loader:
+            feats = [torch.flatten(n.pool(n.body(x)), 1) for n in nets]
+            out[idx[idx >= 0]] = torch.cat(feats, 1)[idx >= 0]
+    return rows.ids, out
+
+
+def test_the_stack_is_one_fit_on_both_folds_features_and_predict_scores_with_it(
+    data, cv_dir, tmp_path
+):
+    from fasthpa.checkpoint import load_checkpoint
+    from fasthpa.train.refit import fit_linear_heads
+
+    stack = load_checkpoint(cv_dir / "stack.pt")
+    assert stack["folds"] == ["fold0", "fold1"] and stack["weight"].shape == (28, 1024)
+    ids, feats = _plain_stack_features(cv_dir, data, "train")
+    _, targets = read_targets_csv(data / "train.csv")
+    assert ids == read_targets_csv(data / "train.csv")[0]
+    ref = fit_linear_heads(feats, targets, 1.0 / (stack["c"] * len(ids)))
+    fitted = torch.sigmoid(feats @ stack["weight"].T + stack["bias"])
+    # the same fit on the same rows in the same order (weights on a near-constant feature may
+    # differ in the 4th digit: compare what they score)
+    np.testing.assert_allclose(fitted, ref.probs(feats), rtol=0, atol=1e-4)
+    summary = json.loads((cv_dir / "cv_summary.json").read_text())
+    assert 0 <= summary["stack_oof_macro_f1_tuned"] <= 1 and summary["stack_features"] == 1024
+    # predict --run CVDIR: the stack's probabilities and its own thresholds
+    got = predict(cv_dir, data, out=tmp_path / "stack.csv", **FAST)
+    test_ids, test_feats = _plain_stack_features(cv_dir, data, "test")
+    want = torch.sigmoid(test_feats @ stack["weight"].T + stack["bias"]).numpy()
+    assert got.ids == test_ids
+    np.testing.assert_allclose(got.probs, want, rtol=0, atol=1e-5)
+    thr = json.loads((cv_dir / "stack_thresholds.json").read_text())["thresholds"]
+    assert np.array_equal(got.thresholds, np.asarray(thr))
+    averaged = predict(cv_dir, data, out=tmp_path / "mean.csv", stack=False, **FAST)
+    assert not np.allclose(averaged.probs, got.probs, atol=1e-3)
+
+
+def test_a_stack_of_other_folds_is_refused(data, cv_dir, tmp_path):
+    from fasthpa.checkpoint import INTEGRITY_KEY, load_checkpoint, save_checkpoint
+
+    other = tmp_path / "other"
+    shutil.copytree(cv_dir, other, ignore=shutil.ignore_patterns("last*.pt"))
+    state = load_checkpoint(other / "stack.pt")
+    state.pop(INTEGRITY_KEY)
+    save_checkpoint(other / "stack.pt", state | {"folds": ["fold0", "fold2"]})
+    with pytest.raises(UserError, match=r"stack.pt: fitted on folds \['fold0', 'fold2'\]"):
+        predict(other, data, out=tmp_path / "s.csv", **FAST)
+    assert predict(other, data, out=tmp_path / "s.csv", stack=False, **FAST) is not None
 
 
 def test_an_interrupted_cv_resumes_fold_by_fold(data, cv_dir, tmp_path, capsys):
@@ -108,12 +173,13 @@ def test_an_interrupted_cv_resumes_fold_by_fold(data, cv_dir, tmp_path, capsys):
         and (out / "fold1" / "last.pt").is_file()
     )
     assert not (out / "oof_probs.npz").exists()
-    assert run(cv_args(data, out)) == 0  # the same command: fold 1 resumes, then the OOF fit
+    assert run(cv_args(data, out, "--no-stack")) == 0  # fold 1 resumes, then the OOF fit
     assert "resuming" in capsys.readouterr().out
     with np.load(out / "oof_probs.npz") as a, np.load(cv_dir / "oof_probs.npz") as b:
         assert np.array_equal(a["probs"], b["probs"])  # bit-identical to the uninterrupted cv
     thr = [json.loads((d / "thresholds.json").read_text())["thresholds"] for d in (out, cv_dir)]
     assert thr[0] == thr[1]
+    assert not (out / "stack.pt").exists()  # --no-stack
 
 
 @pytest.mark.parametrize("case", ["one_fold", "fold_flag", "other_k"])

@@ -19,6 +19,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="number of multi-label stratified folds (K fold runs, one after another)",
     )
+    parser.add_argument(
+        "--stack",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the folds, fit one classifier on all fold networks' features (stack.pt; "
+        "fasthpa predict --run CVDIR uses it)",
+    )
     add_config_arguments(parser)
 
 
@@ -29,7 +36,7 @@ def run(args: argparse.Namespace, hooks: TrainHooks | None = None) -> int:
         return 0
     if "run.out" not in explicit:
         raise UserError("--out is required: the cross-validation folder (it holds the fold runs).")
-    run_cv(cfg, args.folds, explicit=explicit, hooks=hooks)
+    run_cv(cfg, args.folds, explicit=explicit, hooks=hooks, stack=args.stack)
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fasthpa.config import TrainConfig
-from fasthpa.cv.manifest import CV_MANIFEST, fold_dirs
+from fasthpa.cv.manifest import CV_MANIFEST, STACK, STACK_THRESHOLDS, fold_dirs
 from fasthpa.cv.oof import collect_oof
 from fasthpa.data.source import open_source
 from fasthpa.data.stats import compute_channel_stats, save_stats
@@ -49,9 +49,11 @@ def run_cv(
     *,
     explicit: set[str] | None = None,
     hooks: TrainHooks | None = None,
+    stack: bool = True,
 ) -> CVResult:
     """Train the ``folds`` fold runs of ``cfg`` into ``cfg.run.out``, then collect the
-    out-of-fold probabilities and fit the thresholds (see the package docstring)."""
+    out-of-fold probabilities and fit the thresholds, and with ``stack`` the stacked head
+    (fasthpa.cv.stack; see the package docstring)."""
     _check_request(cfg, folds, explicit)
     import torch.distributed as dist
 
@@ -75,11 +77,29 @@ def run_cv(
             if result.status != "finished":
                 return CVResult("stopped", cv_dir, done)
         barrier(info)
-        summary = collect_oof(cv_dir) if info.is_main else {}
+        summary = _conclude(cv_dir, stack, info.device) if info.is_main else {}
         return CVResult("finished", cv_dir, done, summary)
     finally:
         if owns_group:
             cleanup(info)
+
+
+def _conclude(cv_dir: Path, stack: bool, device) -> dict[str, Any]:
+    """Rank 0, every fold finished: the out-of-fold thresholds, then the stack."""
+    summary = collect_oof(cv_dir)
+    if stack:
+        # here, not at the top: fasthpa.cv.stack reads runs through fasthpa.predict, whose
+        # inputs import fasthpa.cv.manifest (and with it this package's __init__)
+        from fasthpa.cv.stack import fit_stack
+
+        summary |= fit_stack(cv_dir, device)
+        atomic_write_json(cv_dir / "cv_summary.json", summary)
+        print(
+            f"stack of {len(summary['folds'])} folds ({summary['stack_features']} features per "
+            f"image): out-of-fold macro F1 {summary['stack_oof_macro_f1_tuned']:.4f} (rule "
+            f"{summary['stack_threshold_rule']}); wrote {cv_dir / STACK}, {cv_dir / STACK_THRESHOLDS}"
+        )
+    return summary
 
 
 def _check_request(cfg: TrainConfig, folds: int, explicit: set[str] | None) -> None:

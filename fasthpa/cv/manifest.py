@@ -1,4 +1,5 @@
-"""``CVDIR/cv.json``: which fold runs a cross-validation folder holds (read by predict too).
+"""What a cross-validation folder holds, as predict reads it: ``CVDIR/cv.json`` names the fold
+runs, ``CVDIR/stack.pt`` is the stack on their features (fasthpa.cv.stack).
 
 {"folds": ["fold0", "fold1", "fold2"], "k": 3, "seed": 0, "thresholds": "thresholds.json",
  "config": {...the base training config...}}
@@ -9,9 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from fasthpa.checkpoint import load_checkpoint
 from fasthpa.errors import UserError
+from fasthpa.labels import NUM_LABELS
 
 CV_MANIFEST = "cv.json"
+STACK = "stack.pt"
+STACK_THRESHOLDS = "stack_thresholds.json"
 
 
 def fold_dirs(cv_dir: Path, folds: int) -> list[Path]:
@@ -40,3 +47,24 @@ def read_fold_dirs(cv_dir: Path) -> list[Path]:
 
 def is_cv_dir(path: Path) -> bool:
     return (Path(path) / CV_MANIFEST).is_file()
+
+
+def load_stack(cv_dir: Path, folds: list[Path]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weight [L, K*F], bias [L]) of the stack of ``cv_dir``, None when it has none; a
+    UserError when it is damaged or was fitted on other folds."""
+    path = Path(cv_dir) / STACK
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    names = [f.name for f in folds]
+    try:
+        weight, bias = state["weight"].float(), state["bias"].float()
+        fitted_on = list(state["folds"])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: not a fasthpa stack ({e}).") from None
+    if fitted_on != names or weight.shape[0] != bias.shape[0] or weight.shape[0] > NUM_LABELS:
+        raise UserError(
+            f"{path}: fitted on folds {fitted_on} ({tuple(weight.shape)}), but {cv_dir} has "
+            f"{names}; run `fasthpa cv` on the folder again to refit it, or pass --no-stack."
+        )
+    return weight, bias

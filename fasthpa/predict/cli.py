@@ -22,8 +22,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         required=True,
         nargs="+",
         metavar="RUN_DIR",
-        help="the trained run folder, a `fasthpa cv` folder (its folds are averaged), or several "
-        "folders (averaged); spell it --run-dir under torchrun",
+        help="the trained run folder, a `fasthpa cv` folder (its stack, else its folds averaged), or "
+        "several folders (averaged); spell it --run-dir under torchrun",
     )
     parser.add_argument(
         "--data", required=True, metavar="ROOT", help="dataset root in the Kaggle layout"
@@ -91,6 +91,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="use the rare-label models of each run's rare/ folder (fasthpa rare) for their labels",
     )
+    parser.add_argument(
+        "--stack",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a cv folder: score with its stack (stack.pt, one classifier on all folds' "
+        "features) and stack_thresholds.json when present; --no-stack averages the folds",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         progress=args.progress,
         rare=args.rare,
+        stack=args.stack,
     )
     if result is not None:
         _print_summary(result, args)

@@ -25,7 +25,7 @@ from fasthpa.distributed import DistInfo
 from fasthpa.errors import UserError
 from fasthpa.evaluate import Head, predict_probs
 from fasthpa.labels import NUM_LABELS
-from fasthpa.model import build_model
+from fasthpa.model import StackedNet, build_model
 from fasthpa.predict.inputs import Rows, RunInputs
 from fasthpa.predict.tta import IDENTITY, View
 from fasthpa.runtime import amp_dtype, autocast_factory, to_device
@@ -77,6 +77,20 @@ class Predictor:
         finally:
             if bar is not None:
                 bar.stop()
+
+
+def with_stack(predictors: list[Predictor], stack: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Replace the main models (a cv folder's folds) by one StackedNet reading all of them
+    (fasthpa.cv.stack); rare-label models stay as they are."""
+    holding = [p for p in predictors if p.main_models]
+    assert len(holding) == 1, "the folds of one cross-validation share one input"
+    p = holding[0]
+    tiers = p.heads or [Head(tuple(range(NUM_LABELS)))] * len(p.models)
+    main = [m for m, h in zip(p.models, tiers) if h.tier == 0]
+    rest = [(m, h) for m, h in zip(p.models, tiers) if h.tier > 0]
+    p.models = [StackedNet(main, *stack).eval()] + [m for m, _ in rest]
+    main_head = next(h for h in tiers if h.tier == 0)
+    p.heads = [main_head] + [h for _, h in rest] if rest else None
 
 
 def input_key(run: RunInputs) -> tuple:

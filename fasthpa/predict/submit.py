@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fasthpa.cv.manifest import STACK_THRESHOLDS, is_cv_dir, load_stack
 from fasthpa.data.preflight import preflight
 from fasthpa.distributed import DistInfo, check_every_rank, cleanup, init_distributed
 from fasthpa.errors import UserError
@@ -31,7 +32,7 @@ from fasthpa.predict.inputs import (
     rare_runs,
     select_rows,
 )
-from fasthpa.predict.predictor import build_predictors
+from fasthpa.predict.predictor import build_predictors, with_stack
 from fasthpa.predict.submission import (
     PredictResult,
     assign_labels,
@@ -66,6 +67,9 @@ class PredictRequest:
     progress: bool = False
     rare: bool = True
     """use the rare-label models in the runs' rare/ folders (``fasthpa rare``) for their labels"""
+    stack: bool = True
+    """a cv folder with a stack (``stack.pt``, fasthpa.cv.stack): score with it and its
+    thresholds; False: average the folds and use thresholds.json"""
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and self.batch_size < 1:
@@ -93,10 +97,10 @@ def predict(
     """Predict every Id once and write the submission and its probabilities. Returns a
     PredictResult on rank 0 and None on the other ranks.
 
-    ``run_dir``: a run folder, a cross-validation folder (its folds are averaged and its
-    out-of-fold thresholds applied) or several of them (averaged; thresholds: ``thresholds``,
+    ``run_dir``: a run folder, a cross-validation folder (its stack, else its folds averaged
+    with its out-of-fold thresholds) or several of them (averaged; thresholds: ``thresholds``,
     else the mean of the members'). ``options``: part, thresholds, packed, batch_size, workers
-    (default: the run's), loader, device, progress (see :class:`PredictRequest`). Under torchrun
+    (default: the run's), loader, device, progress, rare, stack (see :class:`PredictRequest`). Under torchrun
     each rank predicts its share and rank 0 gathers and writes; a process group this call did
     not create is left open.
     """
@@ -120,6 +124,9 @@ def run_request(request: PredictRequest, info: DistInfo) -> PredictResult | None
     views = resolve_views(request.tta)
     members, default_thr, _ = expand_runs(request.runs)
     rows, in_channels = _rows(request, members, info)
+    stack = _stack(request, members)
+    if stack is not None:
+        default_thr = Path(request.runs[0]) / STACK_THRESHOLDS
     runs = [
         load_run_inputs(m, request.checkpoint, request.thresholds or default_thr) for m in members
     ]
@@ -130,6 +137,8 @@ def run_request(request: PredictRequest, info: DistInfo) -> PredictResult | None
     predictors = build_predictors(
         runs + rare, rows, info, request.batch_size, request.workers, request.loader
     )
+    if stack is not None:
+        with_stack(predictors, stack)
     t0 = time.perf_counter()
     got = [p.probs(views, request.progress) for p in predictors]
     seconds = time.perf_counter() - t0
@@ -171,6 +180,13 @@ def _rows(request: PredictRequest, members, info: DistInfo):
         lambda: info.local_rank or preflight(rows.source, range(len(rows.ids)), channels), info
     )
     return rows, channels
+
+
+def _stack(request: PredictRequest, members: list[Path]):
+    """The stack of a single cv folder, unless --no-stack (None: average the folds)."""
+    if not request.stack or len(request.runs) != 1 or not is_cv_dir(Path(request.runs[0])):
+        return None
+    return load_stack(Path(request.runs[0]), members)
 
 
 def _with_rare_thresholds(thresholds: np.ndarray, rare) -> np.ndarray:

@@ -117,14 +117,14 @@ def oof_linear_heads(
 
 @torch.no_grad()
 def pooled_features(model, loader, rows: np.ndarray, autocast) -> torch.Tensor:
-    """float32 [len(rows), F]: the pooled features (what ``fc`` reads) of every row of an eval
-    loader over ``rows``, in the order of ``rows``."""
+    """float32 [len(rows), F]: the pooled features (``model.features``, what ``model.fc`` reads)
+    of every row of an eval loader over ``rows``, in the order of ``rows``."""
     model.eval()
     where = {int(r): k for k, r in enumerate(rows)}
     out = torch.zeros((len(rows), model.fc.in_features))
     for x, _, idx in loader:
         with autocast():
-            f = model.pool(model.body(x)).flatten(1)
+            f = model.features(x)
         keep = (idx >= 0).cpu()
         slots = torch.tensor([where[int(i)] for i in idx.cpu()[keep]], dtype=torch.long)
         out[slots] = f[keep.to(f.device)].float().cpu()
