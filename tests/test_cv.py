@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +219,48 @@ def test_folds_of_different_experiments_and_missing_folds_are_refused(data, cv_d
     shutil.rmtree(mixed / "fold1")
     with pytest.raises(UserError, match="fold run fold1 is missing"):
         predict(mixed, data, out=tmp_path / "s.csv", **FAST)
+
+
+def test_torchrun_two_ranks_run_the_folds_and_rank0_the_stack(data, tmp_path):
+    """Under torchrun every fold trains on both ranks; the out-of-fold fit and the stack run on
+    rank 0 after the others are done, and predict reads the folder like a single-process one."""
+    out = tmp_path / "cv"
+    args = cv_args(data, out)
+    args[args.index("--batch-size") + 1] = "4"  # per rank: the global batch of the fixture's cv
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [*cmd, "-m", "fasthpa.cv", *args], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert p.stdout.count("stack of 2 folds") == 1  # rank 0 only
+    ids, _ = read_targets_csv(data / "train.csv")
+    with np.load(out / "oof_probs.npz") as z:
+        assert list(z["ids"]) == ids
+    env_fold = json.loads((out / "fold1" / "env.json").read_text())
+    assert env_fold["world_size"] == 2
+    got = predict(out, data, out=tmp_path / "s.csv", **FAST)
+    thr = json.loads((out / "stack_thresholds.json").read_text())["thresholds"]
+    assert np.array_equal(got.thresholds, np.asarray(thr)) and got.probs.shape == (8, 28)
+
+
+def test_with_stack_replaces_the_folds_and_keeps_the_rare_label_models():
+    from fasthpa.evaluate import Head
+    from fasthpa.model import StackedNet, build_model
+    from fasthpa.predict.predictor import Predictor, with_stack
+
+    def net(classes: int):
+        return build_model("resnet18", num_classes=classes, in_channels=4, pretrained="none")[0]
+
+    folds, rare = [net(28), net(28)], net(1)
+    everything, rare_head = Head(tuple(range(28))), Head((27,), tier=1)
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    p = Predictor([*folds, rare], None, cpu, 4, None, False, [everything, everything, rare_head])
+    weight, bias = torch.randn(28, 1024), torch.randn(28)
+    with_stack([p], (weight, bias))
+    assert isinstance(p.models[0], StackedNet) and p.models[1] is rare
+    assert p.heads == [everything, rare_head] and p.main_models == 1
+    x = torch.randn(2, 4, 32, 32)
+    with torch.no_grad():
+        plain = torch.cat([f.pool(f.body(x)).flatten(1) for f in folds], 1) @ weight.T + bias
+        torch.testing.assert_close(p.models[0].eval()(x), plain, rtol=1e-4, atol=1e-4)
