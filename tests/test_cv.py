@@ -116,7 +116,7 @@ def _plain_stack_features(cv_dir: Path, data: Path, split: str) -> tuple[list[st
 
 
 def test_the_stack_is_one_fit_on_both_folds_features_and_predict_scores_with_it(
-    data, cv_dir, tmp_path
+    data, cv_dir, tmp_path, capsys
 ):
     from fasthpa.checkpoint import load_checkpoint
     from fasthpa.train.refit import fit_linear_heads
@@ -143,6 +143,11 @@ def test_the_stack_is_one_fit_on_both_folds_features_and_predict_scores_with_it(
     assert np.array_equal(got.thresholds, np.asarray(thr))
     averaged = predict(cv_dir, data, out=tmp_path / "mean.csv", stack=False, **FAST)
     assert not np.allclose(averaged.probs, got.probs, atol=1e-3)
+    # the stack read best.pt's features: another checkpoint averages the folds, and says so
+    last = predict(cv_dir, data, out=tmp_path / "last.csv", checkpoint="last", **FAST)
+    assert "averaging the folds instead" in capsys.readouterr().err
+    mean_thr = json.loads((cv_dir / "thresholds.json").read_text())["thresholds"]
+    assert np.array_equal(last.thresholds, np.asarray(mean_thr))
 
 
 def test_a_stack_of_other_folds_is_refused(data, cv_dir, tmp_path):

@@ -186,7 +186,15 @@ def _stack(request: PredictRequest, members: list[Path]):
     """The stack of a single cv folder, unless --no-stack (None: average the folds)."""
     if not request.stack or len(request.runs) != 1 or not is_cv_dir(Path(request.runs[0])):
         return None
-    return load_stack(Path(request.runs[0]), members)
+    stack = load_stack(Path(request.runs[0]), members)
+    if stack is not None and request.checkpoint != "best":
+        print(
+            f"notice: the stack was fitted on the folds' best.pt, not --checkpoint "
+            f"{request.checkpoint}: averaging the folds instead (--no-stack).",
+            file=sys.stderr,
+        )
+        return None
+    return stack
 
 
 def _with_rare_thresholds(thresholds: np.ndarray, rare) -> np.ndarray:
