@@ -51,22 +51,12 @@ def fit_stack(cv_dir: Path, device: torch.device | str = "cpu") -> dict[str, Any
     cv_dir = Path(cv_dir)
     folds = read_fold_dirs(cv_dir)
     cfg = load_config(folds[0] / "config.json")
-    runs = [load_run_inputs(f, "best", cv_dir / "thresholds.json") for f in folds]
-    rows = select_rows(
-        cfg.data.data, "train", None, None, folds[0], cfg.in_channels, cfg.data.packed
-    )
-    single = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device(device))
-    predictor = build_predictor(runs, rows, single)
+    feats, labels = train_features(cv_dir, folds, cfg, torch.device(device))
     names = [LABEL_NAMES[i] for i in cfg.label_indices]
-    width = sum(m.fc.in_features for m in predictor.models)
-    blank = torch.zeros(len(names), width), torch.zeros(len(names))
-    net = StackedNet(predictor.models, *blank).eval()  # its fc unused: the features are fitted
-    feats = pooled_features(net, predictor.loader, np.arange(len(rows.ids)), predictor.autocast)
-    labels = rows.labels[:, list(cfg.label_indices)]
     l2 = 1.0 / (cfg.run.refit_c * len(labels))
     with intra_op_threads(1):
-        heads = fit_linear_heads(feats, labels, l2, device=single.device)
-        oof = oof_linear_heads(feats, labels, l2, REFIT_FOLDS, cfg.run.seed, single.device)
+        heads = fit_linear_heads(feats, labels, l2, device=device)
+        oof = oof_linear_heads(feats, labels, l2, REFIT_FOLDS, cfg.run.seed, device)
         result, record = fit_configured(
             oof,
             labels,
@@ -91,5 +81,21 @@ def fit_stack(cv_dir: Path, device: torch.device | str = "cpu") -> dict[str, Any
         "stack_oof_macro_f1_tuned": float(tuned["macro_f1"]),
         "stack_threshold_rule": record.get("rule"),
         "stack_labels_per_row_predicted": float(decode(oof, result.thresholds).sum(1).mean()),
-        "stack_features": int(width),
+        "stack_features": int(feats.shape[1]),
     }
+
+
+def train_features(cv_dir: Path, folds: list[Path], cfg, device: torch.device):
+    """(float32 [N, K*F] features, uint8 [N, L] labels) of every train.csv row, in file order:
+    each fold's best.pt, pooled features side by side (one loader, each batch decoded once)."""
+    runs = [load_run_inputs(f, "best", cv_dir / "thresholds.json") for f in folds]
+    rows = select_rows(
+        cfg.data.data, "train", None, None, folds[0], cfg.in_channels, cfg.data.packed
+    )
+    single = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    predictor = build_predictor(runs, rows, single)
+    width = sum(m.fc.in_features for m in predictor.models)
+    blank = torch.zeros(len(cfg.label_indices), width), torch.zeros(len(cfg.label_indices))
+    net = StackedNet(predictor.models, *blank).eval()  # its fc unused: the features are fitted
+    feats = pooled_features(net, predictor.loader, np.arange(len(rows.ids)), predictor.autocast)
+    return feats, rows.labels[:, list(cfg.label_indices)]
