@@ -269,3 +269,7 @@ def test_with_stack_replaces_the_folds_and_keeps_the_rare_label_models():
     with torch.no_grad():
         plain = torch.cat([f.pool(f.body(x)).flatten(1) for f in folds], 1) @ weight.T + bias
         torch.testing.assert_close(p.models[0].eval()(x), plain, rtol=1e-4, atol=1e-4)
+    # folds whose inputs differ sit in two predictors: the stack cannot read them side by side
+    split = [Predictor([f], None, cpu, 4, None, False, None) for f in (net(28), net(28))]
+    with pytest.raises(UserError, match="pass --no-stack to average them"):
+        with_stack(split, (weight, bias))

@@ -83,7 +83,11 @@ def with_stack(predictors: list[Predictor], stack: tuple[torch.Tensor, torch.Ten
     """Replace the main models (a cv folder's folds) by one StackedNet reading all of them
     (fasthpa.cv.stack); rare-label models stay as they are."""
     holding = [p for p in predictors if p.main_models]
-    assert len(holding) == 1, "the folds of one cross-validation share one input"
+    if len(holding) != 1:
+        raise UserError(
+            "--run: the cv folder's folds differ in image size, crop, channel statistics or "
+            "precision, and its stack reads them side by side; pass --no-stack to average them."
+        )
     p = holding[0]
     tiers = p.heads or [Head(tuple(range(NUM_LABELS)))] * len(p.models)
     main = [m for m, h in zip(p.models, tiers) if h.tier == 0]
