@@ -97,7 +97,8 @@ def _conclude(cv_dir: Path, stack: bool, device) -> dict[str, Any]:
         print(
             f"stack of {len(summary['folds'])} folds ({summary['stack_features']} features per "
             f"image): out-of-fold macro F1 {summary['stack_oof_macro_f1_tuned']:.4f} (rule "
-            f"{summary['stack_threshold_rule']}); wrote {cv_dir / STACK}, {cv_dir / STACK_THRESHOLDS}"
+            f"{summary['stack_threshold_rule']}); wrote {cv_dir / STACK}, "
+            f"{cv_dir / STACK_THRESHOLDS}"
         )
     return summary
 

@@ -100,9 +100,9 @@ def predict(
     ``run_dir``: a run folder, a cross-validation folder (its stack, else its folds averaged
     with its out-of-fold thresholds) or several of them (averaged; thresholds: ``thresholds``,
     else the mean of the members'). ``options``: part, thresholds, packed, batch_size, workers
-    (default: the run's), loader, device, progress, rare, stack (see :class:`PredictRequest`). Under torchrun
-    each rank predicts its share and rank 0 gathers and writes; a process group this call did
-    not create is left open.
+    (default: the run's), loader, device, progress, rare, stack (see :class:`PredictRequest`).
+    Under torchrun each rank predicts its share and rank 0 gathers and writes; a process group
+    this call did not create is left open.
     """
     import torch.distributed as dist
 
