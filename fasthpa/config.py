@@ -286,6 +286,12 @@ class RunConfig:
         "(a logistic regression per label) and fit thresholds on its out-of-fold scores",
     )
     refit_c: float = _f(0.3, "inverse L2 strength of the refit (scikit-learn's C)")
+    location_features: bool = _f(
+        False,
+        "with --refit-heads, the refit also reads classical subcellular-location features of "
+        "each image (where the green stain lies, its blobs, lines and rings at six scales; "
+        "fasthpa.location) beside the network's",
+    )
     noise_scale: bool = _f(
         False,
         "measure the gradient noise scale B_simple (McCandlish et al. 2018) on log steps; needs "

@@ -35,6 +35,8 @@ from torch import nn
 
 from fasthpa.errors import UserError
 from fasthpa.labels import CHANNELS, NUM_LABELS
+from fasthpa.location import DIM as LOCATION_DIM
+from fasthpa.location import LocationFeatures
 from fasthpa.weights import (
     ARCHS,
     check_arch,
@@ -52,8 +54,10 @@ __all__ = [
     "HEAD_PRIOR",
     "HEADS",
     "YELLOW_INITS",
+    "add_location_for",
     "AdaptiveConcatPool2d",
     "HPANet",
+    "LOCATION_KEY",
     "Pretrained",
     "build_model",
     "default_pretrained",
@@ -73,6 +77,18 @@ HEADS: tuple[str, ...] = ("avgpool", "maxavg")
 # gradient on learning the biases, and that gradient flows into the pretrained backbone; this is
 # also the focal-loss paper's prior initialisation. The weights keep nn.Linear's default init.
 HEAD_PRIOR = 0.05
+
+LOCATION_KEY = "location.mean"
+"""in a model state: the model reads the location features (HPANet.add_location)"""
+
+
+def add_location_for(model: HPANet, state: dict[str, Any]) -> HPANet:
+    """``model`` made to fit ``state``: with the location features when the state has them
+    (their normalisation arrives with the state's buffers)."""
+    if LOCATION_KEY in state and model.location is None:
+        channels = state[LOCATION_KEY].numel()
+        model.add_location((0.0,) * channels, (1.0,) * channels)
+    return model
 
 
 @dataclass(frozen=True)
@@ -135,10 +151,28 @@ class HPANet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(num_features * (2 if head == "maxavg" else 1), num_classes)
         self.frozen_backbone = frozen_backbone
+        self.location: LocationFeatures | None = None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, fc.in_features]: the pooled features the classifier reads."""
-        return self.pool(self.body(x)).flatten(1)
+        """[N, fc.in_features]: the pooled features the classifier reads, and after
+        :meth:`add_location` the classical location features of ``x`` after them."""
+        pooled = self.pool(self.body(x)).flatten(1)
+        if self.location is None:
+            return pooled
+        return torch.cat([pooled.float(), self.location(x)], dim=1)
+
+    def add_location(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """Read fasthpa.location's features (of images normalised with ``mean``/``std``) beside
+        the pooled ones: ``fc`` gains their DIM inputs with zero weights, so the outputs stay
+        the same until the classifier is refitted (fasthpa.train.refit)."""
+        device = self.fc.weight.device
+        old = self.fc
+        self.location = LocationFeatures(mean, std).to(device)
+        self.fc = nn.Linear(old.in_features + LOCATION_DIM, old.out_features).to(device)
+        with torch.no_grad():
+            self.fc.weight.zero_()
+            self.fc.weight[:, : old.in_features].copy_(old.weight)
+            self.fc.bias.copy_(old.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(self.features(x)))

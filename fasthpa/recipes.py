@@ -23,6 +23,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "run": {
             "batch_size": 32,
             "refit_heads": True,
+            "location_features": True,
             "threshold_rule": "auto",
             "lpr_tolerance": 0.3,
         },

@@ -85,3 +85,15 @@ def test_the_trainer_refits_writes_its_record_and_rescores_dev(tmp_path):
     )
     with np.load(run / "dev_probs.npz") as z:
         np.testing.assert_allclose(dev.probs, z["probs"], rtol=0, atol=1e-5)
+
+
+def test_the_fits_side_by_side_are_the_fits_one_after_another():
+    from fasthpa.train.refit import fit_with_oof
+
+    x, y = problem(5, n=240)
+    l2 = 2e-3
+    heads, oof = fit_with_oof(x, y, l2, folds=4, seed=2)
+    alone = fit_linear_heads(x, y, l2)
+    torch.testing.assert_close(heads.weight, alone.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(heads.bias, alone.bias, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(oof, oof_linear_heads(x, y, l2, folds=4, seed=2), rtol=0, atol=1e-6)

@@ -39,8 +39,7 @@ from fasthpa.thresholds import per_label_metrics, write_thresholds_json
 from fasthpa.thresholds.rules import decode, fit_configured
 from fasthpa.train.refit import (
     REFIT_FOLDS,
-    fit_linear_heads,
-    oof_linear_heads,
+    fit_with_oof,
     pooled_features,
 )
 
@@ -54,9 +53,8 @@ def fit_stack(cv_dir: Path, device: torch.device | str = "cpu") -> dict[str, Any
     feats, labels = train_features(cv_dir, folds, cfg, torch.device(device))
     names = [LABEL_NAMES[i] for i in cfg.label_indices]
     l2 = 1.0 / (cfg.run.refit_c * len(labels))
+    heads, oof = fit_with_oof(feats, labels, l2, REFIT_FOLDS, cfg.run.seed, device)
     with intra_op_threads(1):
-        heads = fit_linear_heads(feats, labels, l2, device=device)
-        oof = oof_linear_heads(feats, labels, l2, REFIT_FOLDS, cfg.run.seed, device)
         result, record = fit_configured(
             oof,
             labels,

@@ -25,7 +25,7 @@ from fasthpa.distributed import DistInfo
 from fasthpa.errors import UserError
 from fasthpa.evaluate import Head, predict_probs
 from fasthpa.labels import NUM_LABELS
-from fasthpa.model import StackedNet, build_model
+from fasthpa.model import StackedNet, add_location_for, build_model
 from fasthpa.predict.inputs import Rows, RunInputs
 from fasthpa.predict.tta import IDENTITY, View
 from fasthpa.runtime import amp_dtype, autocast_factory, to_device
@@ -193,7 +193,7 @@ def _model(run: RunInputs, device: torch.device) -> nn.Module:
         dropout=cfg.model.dropout,
     )
     try:
-        model.load_state_dict(run.state["model"])
+        add_location_for(model, run.state["model"]).load_state_dict(run.state["model"])
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0][:160]
         raise UserError(f"{run.checkpoint_path}: the model state does not fit ({first}).") from None

@@ -65,6 +65,7 @@ def rare_config(
         max_steps=None,
         batch_size=min(main.run.batch_size, batch_for(train_rows)),
         refit_heads=False,
+        location_features=False,
         threshold_rule="exact",
     )
     cfg = dataclasses.replace(main, data=data, model=model, run=run)

@@ -42,7 +42,7 @@ from fasthpa.distributed import DistInfo, check_every_rank, decide_on_main
 from fasthpa.errors import UserError
 from fasthpa.labels import NUM_LABELS
 from fasthpa.loss import LossFn, make_loss
-from fasthpa.model import build_model, default_pretrained, load_pretrained
+from fasthpa.model import LOCATION_KEY, build_model, default_pretrained, load_pretrained
 from fasthpa.noise_scale import NoiseScale, build_noise_scale
 from fasthpa.runtime import (
     amp_dtype,
@@ -339,6 +339,9 @@ def _init_state(cfg: TrainConfig) -> dict[str, Any]:
             f"not the {cfg.model.arch} on {cfg.in_channels} this run trains."
         )
     state = dict(ckpt["model"])
+    if LOCATION_KEY in state:  # the network alone trains here: its classifier before the refit
+        state = {k: v for k, v in state.items() if not k.startswith("location.")}
+        state.update(ckpt["fc_before_refit"])
     rows = list(cfg.label_indices)
     weight = state.get("fc.weight")
     if weight is None or weight.shape[0] != NUM_LABELS:

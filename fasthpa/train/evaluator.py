@@ -23,6 +23,7 @@ from fasthpa.distributed import DistInfo, broadcast_object
 from fasthpa.evaluate import predict_probs
 from fasthpa.io import atomic_write_bytes
 from fasthpa.labels import LABEL_NAMES
+from fasthpa.model import add_location_for
 from fasthpa.runtime import intra_op_threads
 from fasthpa.thresholds import (
     ThresholdResult,
@@ -84,7 +85,8 @@ class Evaluator:
         best = run.run_dir / "best.pt"
         if not len(run.data.test_idx) or not best.exists():
             return {}
-        run.model.load_state_dict(load_checkpoint(best)["model"])
+        state = load_checkpoint(best)["model"]
+        add_location_for(run.model, state).load_state_dict(state)
         single = DistInfo(rank=0, world_size=1, local_rank=0, device=run.device)
         rows_ = run.data.test_idx
         loader = part_loader(run.cfg, run.data, rows_, False, run.augment, run.amp, single)

@@ -19,6 +19,7 @@ into the returned weights, so the result replaces ``model.fc`` as it is.
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from fasthpa.distributed import DistInfo
 from fasthpa.evaluate import predict_probs
 from fasthpa.io import atomic_write_bytes, atomic_write_json
 from fasthpa.labels import LABEL_NAMES
+from fasthpa.model import add_location_for
 from fasthpa.runtime import intra_op_threads
 from fasthpa.thresholds import write_thresholds_json
 from fasthpa.thresholds.rules import fit_configured, fold_assignment
@@ -115,6 +117,31 @@ def oof_linear_heads(
     return out
 
 
+def fit_with_oof(
+    feats: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    l2: float,
+    folds: int = REFIT_FOLDS,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[LinearHeads, np.ndarray]:
+    """:func:`fit_linear_heads` on every row and :func:`oof_linear_heads`, the same numbers,
+    with the ``folds + 1`` independent fits spread over the CPU's threads (one intra-op thread
+    each: L-BFGS's matrix products are too small to split well, but the fits run side by side).
+    On a GPU they run one after another."""
+    x = torch.as_tensor(np.asarray(feats), dtype=torch.float32)
+    y = np.asarray(labels)
+    fold = fold_assignment(y, folds, seed)
+    workers = 1 if torch.device(device).type == "cuda" else max(1, torch.get_num_threads())
+    masks = [np.ones(len(y), bool)] + [fold != f for f in range(folds)]
+    with intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+        fits = list(pool.map(lambda m: fit_linear_heads(x[m], y[m], l2, device=device), masks))
+        out = np.zeros(y.shape, dtype=np.float32)
+        for f, heads in enumerate(fits[1:]):
+            out[fold == f] = heads.probs(x[fold == f]).numpy()
+    return fits[0], out
+
+
 @torch.no_grad()
 def pooled_features(model, loader, rows: np.ndarray, autocast) -> torch.Tensor:
     """float32 [len(rows), F]: the pooled features (``model.features``, what ``model.fc`` reads)
@@ -136,23 +163,26 @@ def refit_heads(run: Run, seed: int) -> dict[str, Any]:
     docstring); returns the summary also written to refit.json."""
     cfg, rows = run.cfg, run.data.train_idx
     best = load_checkpoint(run.run_dir / "best.pt")
-    run.model.load_state_dict(best["model"])
+    add_location_for(run.model, best["model"]).load_state_dict(best["model"])
+    if cfg.run.location_features and run.model.location is None:
+        stats = run.data.stats.select(cfg.in_channels)
+        run.model.add_location(stats.mean, stats.std)
     single = DistInfo(rank=0, world_size=1, local_rank=0, device=run.device)
     loader = part_loader(cfg, run.data, rows, False, run.augment, run.amp, single)
     feats = pooled_features(run.model, loader, rows, run.autocast)
     labels = run.data.targets[rows]
     l2 = 1.0 / (cfg.run.refit_c * len(rows))
     names = [LABEL_NAMES[i] for i in cfg.label_indices]
+    heads, oof = fit_with_oof(feats, labels, l2, REFIT_FOLDS, seed, run.device)
     with intra_op_threads(1):  # small ops: thread hand-offs would cost more than the arithmetic
-        heads = fit_linear_heads(feats, labels, l2, device=run.device)
-        oof = oof_linear_heads(feats, labels, l2, folds=REFIT_FOLDS, seed=seed, device=run.device)
         result, record = fit_configured(
             oof, labels, cfg.run.threshold_rule, labels.mean(0), seed, cfg.run.lpr_tolerance, names
         )
     with torch.no_grad():
         run.model.fc.weight.copy_(heads.weight.to(run.model.fc.weight))
         run.model.fc.bias.copy_(heads.bias.to(run.model.fc.bias))
-    best["fc_before_refit"] = {k: v for k, v in best["model"].items() if k.startswith("fc.")}
+    fc = {k: v for k, v in best["model"].items() if k.startswith("fc.")}
+    best.setdefault("fc_before_refit", fc)  # a second refit keeps the trained classifier
     best["model"] = run.model.state_dict()
     save_checkpoint(run.run_dir / "best.pt", best)
     write_thresholds_json(run.run_dir / "thresholds.json", result, {"fitted_on": "refit oof"})
@@ -163,6 +193,8 @@ def refit_heads(run: Run, seed: int) -> dict[str, Any]:
         "cv_macro_f1": record.get("cv_macro_f1"),
         "oof_macro_f1_tuned": result.macro_f1_tuned,
         "c": cfg.run.refit_c,
+        "location_features": cfg.run.location_features,
+        "features": int(feats.shape[1]),
         "folds": REFIT_FOLDS,
         "train_rows": int(len(rows)),
     }
