@@ -64,7 +64,9 @@ def reference(img: np.ndarray) -> np.ndarray:
             quants += [_q(resp * cell, 0.9), _q(resp * cell, 0.99)]
         peaks = (log == ndimage.maximum_filter(log, 5, mode="constant", cval=-np.inf)) & (log > 0)
         for level in PEAK_LEVELS:
-            counts += [(peaks & (log > level) & m).sum() / (max(cell.sum(), 1) / 400) for m in regions]
+            counts += [
+                (peaks & (log > level) & m).sum() / (max(cell.sum(), 1) / 400) for m in regions
+            ]
     return np.asarray(out + means + quants + counts)
 
 
@@ -144,6 +146,7 @@ def test_the_default_refit_reads_the_location_features_and_predict_reproduces_it
     assert train_main(["--data", str(root), "--out", str(run), *flags.split()]) == 0
     record = json.loads((run / "refit.json").read_text())
     assert record["location_features"] is True and record["features"] == 512 + DIM
+    assert set(record["seconds"]) == {"features", "fits", "thresholds"}
     best = load_checkpoint(run / "best.pt")
     assert best["model"]["fc.weight"].shape == (28, 512 + DIM)
     assert best["fc_before_refit"]["fc.weight"].shape == (28, 512)
@@ -159,3 +162,10 @@ def test_the_default_refit_reads_the_location_features_and_predict_reproduces_it
     more = ["--no-refit-heads", "--max-steps", "2"]
     assert train_main(["--data", str(root), "--out", str(rare), *flags.split(), *init, *more]) == 0
     assert LOCATION_KEY not in load_checkpoint(rare / "last.pt")["model"]
+
+
+def test_the_max_filter_is_the_square_window():
+    from fasthpa.location import _max_filter
+
+    x = torch.randn(2, 3, 21, 18)
+    torch.testing.assert_close(_max_filter(x, 2), torch.nn.functional.max_pool2d(x, 5, 1, 2))

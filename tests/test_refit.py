@@ -65,7 +65,8 @@ def test_the_trainer_refits_writes_its_record_and_rescores_dev(tmp_path):
     generate(root, n=64, size=32, test_n=0, seed=8, workers=1)
     flags = (
         "--image-size 32 --batch-size 8 --workers 0 --loader torch --no-progress --pretrained none "
-        "--epochs 1 --log-every 4 --split 0.7,0.3 --refit-heads --threshold-rule auto"
+        "--epochs 1 --log-every 4 --split 0.7,0.3 --refit-heads --threshold-rule auto "
+        "--no-location-features"
     )
     assert train_main(["--data", str(root), "--out", str(run), *flags.split()]) == 0
     best = load_checkpoint(run / "best.pt")
@@ -75,6 +76,8 @@ def test_the_trainer_refits_writes_its_record_and_rescores_dev(tmp_path):
     thr = json.loads((run / "thresholds.json").read_text())
     assert thr["method"].startswith("rule:") and thr["fitted_on"] == "refit oof"
     assert record["train_rows"] == thr["n_samples"] and record["folds"] == 5
+    assert record["location_features"] is False and record["features"] == 512
+    assert "location.mean" not in best["model"]
     with np.load(run / "train_oof_probs.npz") as z:
         assert z["probs"].shape == (record["train_rows"], 28)
     final = json.loads((run / "final_metrics.json").read_text())

@@ -19,6 +19,7 @@ into the returned weights, so the result replaces ``model.fc`` as it is.
 from __future__ import annotations
 
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -64,18 +65,18 @@ def fit_linear_heads(
     """Minimise mean BCE + l2 / 2 * ||w||^2 per label (bias not penalised) on [N, F] features.
 
     ``l2`` = 1 / (C N) in scikit-learn's LogisticRegression terms. Labels without positives
-    get a large negative bias (their scores stay near 0). The fit runs on ``device`` in float64
-    (the run's GPU: the L-BFGS iterations are matrix products over every training row); the
-    returned heads are float32 on the CPU.
+    get a large negative bias (their scores stay near 0). The fit runs on ``device`` (the run's
+    GPU: the L-BFGS iterations are matrix products over every training row) in float32, the
+    standardisation and its folding back in float64; the returned heads are float32 on the CPU.
     """
     x = torch.as_tensor(np.asarray(feats), dtype=torch.float64).to(device)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.float64).to(device)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.float32).to(device)
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mu) / sd
-    prior = y.mean(0).clamp(1e-4, 1 - 1e-4)
-    w = torch.zeros((x.shape[1], y.shape[1]), dtype=torch.float64, device=x.device)
+    z = ((x - mu) / sd).float()  # standardised: float32 holds it, and its products run 3x faster
+    prior = y.double().mean(0).clamp(1e-4, 1 - 1e-4)
+    w = torch.zeros((x.shape[1], y.shape[1]), dtype=torch.float32, device=x.device)
     w.requires_grad_(True)
-    b = torch.log(prior / (1 - prior)).clone().requires_grad_(True)
+    b = torch.log(prior / (1 - prior)).float().clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
         [w, b], lr=1, max_iter=max_iter, tolerance_grad=1e-9, line_search_fn="strong_wolfe"
     )
@@ -91,6 +92,7 @@ def fit_linear_heads(
 
     opt.step(closure)
     with torch.no_grad():
+        w, b = w.double(), b.double()
         weight = (w / sd[:, None]).T  # fold the standardisation back in
         bias = b - (mu[:, None] * w / sd[:, None]).sum(0)
     return LinearHeads(weight.float().cpu().contiguous(), bias.float().cpu().contiguous())
@@ -169,15 +171,19 @@ def refit_heads(run: Run, seed: int) -> dict[str, Any]:
         run.model.add_location(stats.mean, stats.std)
     single = DistInfo(rank=0, world_size=1, local_rank=0, device=run.device)
     loader = part_loader(cfg, run.data, rows, False, run.augment, run.amp, single)
+    clock = [time.perf_counter()]
     feats = pooled_features(run.model, loader, rows, run.autocast)
+    clock.append(time.perf_counter())
     labels = run.data.targets[rows]
     l2 = 1.0 / (cfg.run.refit_c * len(rows))
     names = [LABEL_NAMES[i] for i in cfg.label_indices]
     heads, oof = fit_with_oof(feats, labels, l2, REFIT_FOLDS, seed, run.device)
+    clock.append(time.perf_counter())
     with intra_op_threads(1):  # small ops: thread hand-offs would cost more than the arithmetic
         result, record = fit_configured(
             oof, labels, cfg.run.threshold_rule, labels.mean(0), seed, cfg.run.lpr_tolerance, names
         )
+    clock.append(time.perf_counter())
     with torch.no_grad():
         run.model.fc.weight.copy_(heads.weight.to(run.model.fc.weight))
         run.model.fc.bias.copy_(heads.bias.to(run.model.fc.bias))
@@ -197,6 +203,9 @@ def refit_heads(run: Run, seed: int) -> dict[str, Any]:
         "features": int(feats.shape[1]),
         "folds": REFIT_FOLDS,
         "train_rows": int(len(rows)),
+        "seconds": dict(
+            zip(("features", "fits", "thresholds"), np.diff(clock).round(2).tolist(), strict=True)
+        ),
     }
     atomic_write_json(run.run_dir / "refit.json", summary | {"choice": record})
     return summary
