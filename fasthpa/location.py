@@ -1,22 +1,23 @@
 """Classical subcellular-location features: what a bioimage analyst measures before any network.
 
-    feats = LocationFeatures(stats)(x)   # x: the loader's normalised N x C x H x W -> N x DIM
+    feats = LocationFeatures(stats.mean, stats.std)(x)   # normalised [N, C, H, W] -> [N, DIM]
 
 The per-image statistics of the protein (green) stain that pre-deep-learning localisation
 classifiers were built on (Murphy's subcellular location features, CellProfiler measurements):
-where the stain lies (nucleus, cytoplasm beside the nucleus, cell periphery), how it
+where the stain lies (nucleus, cytoplasm beside the nucleus, the rest of the cytoplasm), how it
 co-localises with the reference stains (microtubules in red, nucleus in blue, ER in yellow), and
-its structures at six scales -- bright blobs (Laplacian of Gaussian and Hessian determinant),
-lines (Hessian ridges), dark centres (rings), and counts of puncta above three strengths. The
-compartments come from the reference stains: nucleus = blue above a third of its 99th
-percentile, cell = red + yellow + green above a quarter of theirs. Intensities are relative to
-the image's own green 99th percentile, so expression level and exposure cancel.
+its structures at six scales in proportion to the image's side: bright blobs (Laplacian of
+Gaussian, Hessian determinant), lines (Hessian ridges), dark centres (rings), and counts of
+puncta above three strengths. The compartments come from the reference stains: nucleus = blue
+above 0.35 of its 99th percentile, cell = red + yellow + green above 0.25 of theirs.
+Intensities are relative to the image's own green 99th percentile, so expression level and
+exposure cancel.
 
-No parameters and no training: a fixed function of the pixels, vectorised over the batch (a
-few small convolutions and pooling per scale), computed in float32 whatever the autocast. The
-refit (fasthpa.train.refit) reads them beside the network's pooled features: on a small or
-short run they carry most of the signal for labels the network has seen a handful of times
-(the rare labels), and where the network has learned more, the fit leans on the network.
+No parameters and no training: a fixed function of the pixels, batched (one FFT blurs every
+scale, the rest is elementwise maps, pooling and batched products), in float32 whatever the
+autocast. The refit (fasthpa.train.refit) reads them beside the network's pooled features: on a
+small or short run they carry most of the signal for labels the network has seen a handful of
+times (the rare labels); where the network has learned more, the fit leans on the network.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 SCALES = (0.7, 1.0, 1.5, 2.2, 3.2, 4.5)
-"""Gaussian sigmas in pixels of the input"""
+"""Gaussian sigmas in pixels of a REFERENCE_SIZE image; they grow with the image's side"""
+REFERENCE_SIZE = 128
+"""the side at which SCALES, the compartment blurs, the puncta window and area hold as written:
+an image of side S is the same field of view at S / REFERENCE_SIZE times the pixels"""
 PEAK_LEVELS = (0.05, 0.15, 0.3)
 """Laplacian strengths (relative to the green 99th percentile) above which a local maximum counts"""
 _REGIONS = 4  # nucleus, cytoplasm, cytoplasm beside the nucleus, the rest of the cytoplasm
@@ -102,25 +106,27 @@ class LocationFeatures(nn.Module):
         x = (x.float() * self.std + self.mean).clamp(0.0, 1.0)
         red, green, blue = x[:, 0:1], x[:, 1:2], x[:, 2:3]
         yellow = x[:, 3:4] if x.shape[1] > 3 else torch.zeros_like(red)
-        masks, cell = _compartments(red, green, blue, yellow)
+        f = min(x.shape[-2:]) / REFERENCE_SIZE
+        masks, cell = _compartments(red, green, blue, yellow, f)
         g = green / _q(green, 0.99).clamp_min(1e-3)
         out = [cell.flatten(1).mean(1, keepdim=True), _mean_in(masks[:, :1], cell)]
         mass = (g * cell).flatten(1).sum(1, keepdim=True).clamp_min(1e-3)
         out += [(g * masks).flatten(2).sum(2) / mass, _mean_in(g, masks)]
         out.append(torch.cat([_q(g * cell, q) for q in (0.5, 0.8, 0.95, 0.99)], 1).flatten(1))
         out.append(_colocalisation(g, (red, blue, yellow), cell))
-        out.append(_scale_space(_blur(g, SCALES), masks, cell))
+        sigmas = tuple(s * f for s in SCALES)
+        out.append(_scale_space(_blur(g, sigmas), sigmas, masks, cell, f))
         return torch.cat(out, 1)
 
 
-def _compartments(red, green, blue, yellow) -> tuple[torch.Tensor, torch.Tensor]:
+def _compartments(red, green, blue, yellow, f: float) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, 4, H, W] masks (nucleus, cytoplasm, near, far) and the [N, 1, H, W] cell mask."""
-    b = _blur(blue, (1.5,))
-    c = _blur(red + yellow + green, (2.0,))
+    b = _blur(blue, (1.5 * f,))
+    c = _blur(red + yellow + green, (2.0 * f,))
     nucleus = (b > 0.35 * _q(b, 0.99).clamp_min(1e-3)).float()
     cell = torch.maximum((c > 0.25 * _q(c, 0.99).clamp_min(1e-3)).float(), nucleus)
     cyto = cell * (1.0 - nucleus)
-    near = (_blur(nucleus, (3.0,)) > 0.1).float() * cyto
+    near = (_blur(nucleus, (3.0 * f,)) > 0.1).float() * cyto
     return torch.cat([nucleus, cyto, near, cyto * (1.0 - near)], 1), cell
 
 
@@ -139,12 +145,13 @@ def _colocalisation(g, others, cell) -> torch.Tensor:
     return torch.stack(cols, 1)
 
 
-def _scale_space(gs: torch.Tensor, masks: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-    """[N, S * (R * (regions + 2) + 3 * regions)]: the blurred green [N, S, H, W]'s responses by
-    compartment, their upper quantiles in the cell, and its puncta counts, at every scale."""
-    n, scales = gs.shape[:2]
+def _scale_space(gs, sigmas, masks, cell, f: float) -> torch.Tensor:
+    """[N, S * (R * (regions + 2) + 3 * regions)]: the green blurred at ``sigmas`` [N, S, H, W],
+    its responses by compartment, their upper quantiles in the cell, and its puncta counts
+    (local maxima in a window of 5 f px, per 400 f^2 px of cell)."""
+    n = gs.shape[0]
     xx, yy, xy = _hessian(gs)
-    s2 = torch.tensor(SCALES[:scales], dtype=gs.dtype, device=gs.device).view(1, -1, 1, 1) ** 2
+    s2 = torch.tensor(sigmas, dtype=gs.dtype, device=gs.device).view(1, -1, 1, 1) ** 2
     trace = xx + yy
     disc = ((xx - yy) ** 2 / 4 + xy * xy).sqrt()
     high, low = trace / 2 + disc, trace / 2 - disc  # low: the most negative curvature
@@ -158,8 +165,8 @@ def _scale_space(gs: torch.Tensor, masks: torch.Tensor, cell: torch.Tensor) -> t
     means = torch.bmm(resp.flatten(2), m) / area[:, None, :]  # [N, S*R, regions]
     sub = (resp * cell)[..., ::2, ::2].flatten(2)
     quants = torch.quantile(sub, torch.tensor([0.9, 0.99], device=gs.device), dim=2)
-    peaks = (log == _max_filter(log, 2)) & (log > 0)
-    per_area = cell.flatten(1).sum(1).clamp_min(1.0).view(-1, 1, 1) / 400.0
+    peaks = (log == _max_filter(log, max(1, round(2 * f)))) & (log > 0)
+    per_area = cell.flatten(1).sum(1).clamp_min(1.0).view(-1, 1, 1) / (400.0 * f * f)
     levels = torch.tensor(PEAK_LEVELS, device=gs.device).view(1, 1, -1, 1, 1)
     counted = (peaks[:, :, None] & (log[:, :, None] > levels)).float().flatten(1, 2)
     counts = torch.bmm(counted.flatten(2), m) / per_area  # [N, S*levels, regions]

@@ -11,7 +11,14 @@ import torch
 from scipy import ndimage
 
 from fasthpa.data.synth import render_sample
-from fasthpa.location import DIM, PEAK_LEVELS, SCALES, LocationFeatures, _blur
+from fasthpa.location import (
+    DIM,
+    PEAK_LEVELS,
+    REFERENCE_SIZE,
+    SCALES,
+    LocationFeatures,
+    _blur,
+)
 from fasthpa.model import LOCATION_KEY, add_location_for, build_model
 
 
@@ -27,11 +34,12 @@ def reference(img: np.ndarray) -> np.ndarray:
     """The features of one float64 [4, H, W] image on a 0-1 scale, pixel by pixel as the
     module's docstring defines them."""
     red, green, blue, yellow = img
-    b, c = _gauss(blue, 1.5), _gauss(red + yellow + green, 2.0)
+    f = min(img.shape[1:]) / REFERENCE_SIZE
+    b, c = _gauss(blue, 1.5 * f), _gauss(red + yellow + green, 2.0 * f)
     nucleus = b > 0.35 * max(_q(b, 0.99), 1e-3)
     cell = (c > 0.25 * max(_q(c, 0.99), 1e-3)) | nucleus
     cyto = cell & ~nucleus
-    near = (_gauss(nucleus.astype(float), 3.0) > 0.1) & cyto
+    near = (_gauss(nucleus.astype(float), 3.0 * f) > 0.1) & cyto
     regions = [nucleus, cyto, near, cyto & ~near]
     g = green / max(_q(green, 0.99), 1e-3)
 
@@ -47,7 +55,7 @@ def reference(img: np.ndarray) -> np.ndarray:
         o = (other - mean_in(other, cell)) * cell
         out.append((a * o).sum() / max(np.sqrt((a * a).sum() * (o * o).sum()), 1e-6))
     means, quants, counts = [], [], []
-    for s in SCALES:
+    for s in (s * f for s in SCALES):
         gs = _gauss(g, s)
         p = np.pad(gs, 1, mode="edge")
         xx = p[1:-1, 2:] + p[1:-1, :-2] - 2 * gs
@@ -62,10 +70,13 @@ def reference(img: np.ndarray) -> np.ndarray:
         for resp in (log, ridge, blob, dark):
             means += [mean_in(resp, m) for m in regions]
             quants += [_q(resp * cell, 0.9), _q(resp * cell, 0.99)]
-        peaks = (log == ndimage.maximum_filter(log, 5, mode="constant", cval=-np.inf)) & (log > 0)
+        window = 2 * max(1, round(2 * f)) + 1
+        peaks = log == ndimage.maximum_filter(log, window, mode="constant", cval=-np.inf)
+        peaks &= log > 0
         for level in PEAK_LEVELS:
             counts += [
-                (peaks & (log > level) & m).sum() / (max(cell.sum(), 1) / 400) for m in regions
+                (peaks & (log > level) & m).sum() / (max(cell.sum(), 1) / (400 * f * f))
+                for m in regions
             ]
     return np.asarray(out + means + quants + counts)
 
@@ -84,7 +95,7 @@ def test_the_blur_is_scipys_gaussian_with_mirrored_borders():
         np.testing.assert_allclose(got[k], _gauss(img, s), atol=2e-4, err_msg=f"sigma {s}")
 
 
-@pytest.mark.parametrize("size", [64, 96])
+@pytest.mark.parametrize("size", [64, 128, 200])
 def test_the_features_match_the_per_image_reference(size):
     x = _images(8, size, seed=size)
     mean, std = (0.05, 0.04, 0.06, 0.05), (0.1, 0.08, 0.12, 0.1)
