@@ -227,8 +227,9 @@ class OptimConfig:
 @dataclass
 class SpeedConfig:
     amp: str = _f(
-        "auto",
-        "mixed precision: bf16, fp16 (with a GradScaler), off, or auto (bf16 on CUDA, off on CPU)",
+        "off",
+        "mixed precision: bf16, fp16 (with a GradScaler), off, or auto (bf16 where the device "
+        "has native bf16: CUDA, a CPU with AVX-512 BF16 or AMX; else off)",
         AMP_CHOICES,
     )
     channels_last: bool = _f(True, "channels_last memory format for the model and inputs")

@@ -13,8 +13,8 @@ above 0.35 of its 99th percentile, cell = red + yellow + green above 0.25 of the
 Intensities are relative to the image's own green 99th percentile, so expression level and
 exposure cancel.
 
-No parameters and no training: a fixed function of the pixels, batched (one FFT blurs every
-scale, the rest is elementwise maps, pooling and batched products), in float32 whatever the
+No parameters and no training: a fixed function of the pixels, batched (two matrix products
+blur every scale, the rest is elementwise maps, pooling and batched products), in float32 whatever the
 autocast. The refit (fasthpa.train.refit) reads them beside the network's pooled features: on a
 small or short run they carry most of the signal for labels the network has seen a handful of
 times (the rare labels); where the network has learned more, the fit leans on the network.
@@ -22,6 +22,7 @@ times (the rare labels); where the network has learned more, the fit leans on th
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,27 +43,34 @@ DIM = 2 + 2 * _REGIONS + 4 + 3 + len(SCALES) * (_RESPONSES * (_REGIONS + 2) + 3 
 
 
 def _blur(x: torch.Tensor, sigmas: tuple[float, ...]) -> torch.Tensor:
-    """[N, len(sigmas), H, W]: Gaussian blurs of [N, 1, H, W] at each sigma, one FFT for all.
-
-    The image is mirrored at its borders first, so that the circular convolution does not wrap
-    round, and the kernel is the sampled, normalised Gaussian (SciPy's ``gaussian_filter``),
-    not the continuous one, which differs at the small sigmas."""
-    h, w = x.shape[-2:]
-    pad = min(h - 1, w - 1, math.ceil(4 * max(sigmas)))
-    xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    ky = torch.stack([_sampled_gaussian(xp.shape[-2], s, x.device) for s in sigmas])
-    kx = torch.stack([_sampled_gaussian(xp.shape[-1], s, x.device) for s in sigmas])
-    transfer = torch.fft.fft(ky)[:, :, None].real * torch.fft.rfft(kx)[:, None, :].real
-    out = torch.fft.irfft2(torch.fft.rfft2(xp) * transfer, s=xp.shape[-2:])
-    return out[..., pad : pad + h, pad : pad + w]
+    """[N, len(sigmas), H, W]: Gaussian blurs of [N, 1, H, W] at each sigma, exactly SciPy's
+    ``gaussian_filter(mode="mirror")``: two matrix products (rows, then columns), whose
+    matrices hold the sampled, normalised Gaussian truncated at 4 sigma with the mirrored
+    borders folded in. On a CPU at 128 px, 3.7x faster than one mirrored FFT for every scale."""
+    n, _, h, w = x.shape
+    ky = torch.cat([_blur_matrix(h, s, x.device) for s in sigmas], 0)  # [S * H, H]
+    cols = ky @ x.reshape(n, h, w).permute(1, 0, 2).reshape(h, n * w)  # [S * H, N * W]
+    kx = torch.stack([_blur_matrix(w, s, x.device) for s in sigmas])  # [S, W, W]
+    out = cols.view(len(sigmas), h * n, w) @ kx.transpose(1, 2)  # [S, H * N, W]
+    return out.view(len(sigmas), h, n, w).permute(2, 0, 1, 3).contiguous()
 
 
-def _sampled_gaussian(n: int, sigma: float, device: torch.device) -> torch.Tensor:
-    """The normalised Gaussian sampled at the integer offsets of a length-``n`` circle."""
-    offsets = torch.arange(n, device=device, dtype=torch.float32)
-    offsets = torch.minimum(offsets, n - offsets)
-    k = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    return k / k.sum()
+@functools.lru_cache(maxsize=64)
+def _blur_matrix(n: int, sigma: float, device: torch.device) -> torch.Tensor:
+    """float32 [n, n] M with (M @ v)[i] = sum_d k[d] v[mirror(i + d)], k the Gaussian sampled at
+    the integer offsets |d| <= int(4 sigma + 0.5) and normalised (SciPy's kernel); mirror
+    reflects about the end pixels (d c b | a b c d | c b a), as often as the radius needs."""
+    radius = int(4.0 * sigma + 0.5)
+    d = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (d / sigma) ** 2)
+    k /= k.sum()
+    src = torch.arange(n)[:, None] + d.long()[None, :]
+    period = max(2 * n - 2, 1)
+    src = src % period
+    src = torch.where(src > n - 1, period - src, src)
+    m = torch.zeros(n, n, dtype=torch.float64)
+    m.scatter_add_(1, src, k.expand(n, -1).contiguous())
+    return m.float().to(device)
 
 
 def _hessian(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,15 +84,37 @@ def _hessian(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def _max_filter(x: torch.Tensor, r: int) -> torch.Tensor:
     """The maximum over each (2r+1) x (2r+1) window of [N, C, H, W] (outside counts as -inf):
-    a row pass and a column pass (on a CPU, 1.6x faster than the square window at r = 2)."""
-    k = 2 * r + 1
-    rows = F.max_pool2d(x, (1, k), stride=1, padding=(0, r))
-    return F.max_pool2d(rows, (k, 1), stride=1, padding=(r, 0))
+    a row pass and a column pass of shifted maxima (on a CPU, 2x faster than max_pool2d,
+    which also computes the indices)."""
+    return _max_1d(_max_1d(x, r, 3), r, 2)
+
+
+def _max_1d(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    pad = (r, r, 0, 0) if dim == 3 else (0, 0, r, r)
+    p = F.pad(x, pad, value=float("-inf"))
+    out = p.narrow(dim, 0, x.shape[dim])
+    for shift in range(1, 2 * r + 1):
+        out = torch.maximum(out, p.narrow(dim, shift, x.shape[dim]))
+    return out
 
 
 def _q(x: torch.Tensor, q: float) -> torch.Tensor:
     """Per-image quantile of [N, 1, H, W] on a 2x-subsampled grid, shaped [N, 1, 1, 1]."""
     return torch.quantile(x[..., ::2, ::2].flatten(1), q, dim=1).view(-1, 1, 1, 1)
+
+
+def _upper_quantiles(x: torch.Tensor, qs: tuple[float, ...]) -> torch.Tensor:
+    """``torch.quantile(x, qs, dim=-1)`` (linear interpolation) for upper quantiles, from a
+    partial sort of the top of each row: [len(qs), *x.shape[:-1]] (on a CPU, 1.8x faster)."""
+    n = x.shape[-1]
+    ranks = [q * (n - 1) for q in qs]
+    top = torch.topk(x, n - math.floor(min(ranks)), dim=-1).values  # top[..., j]: rank n-1-j
+    out = []
+    for rank in ranks:
+        lo = math.floor(rank)
+        below, above = top[..., n - 1 - lo], top[..., max(n - 2 - lo, 0)]
+        out.append(torch.lerp(below, above, rank - lo))
+    return torch.stack(out)
 
 
 def _mean_in(v: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -162,17 +192,20 @@ def _scale_space(gs, sigmas, masks, cell, f: float) -> torch.Tensor:
     ridge = (torch.relu(-low) - torch.relu(-high)) * s2  # > 0 on a bright line
     blob = (torch.relu(xx * yy - xy * xy) * (trace < 0)).sqrt() * s2
     dark = torch.relu(-log)  # > 0 at a dark centre (inside a ring)
-    resp = torch.stack([log, ridge, blob, dark], 2).flatten(1, 2)  # [N, S*R, H, W]
     area = masks.flatten(2).sum(2).clamp_min(1.0)  # [N, regions]
     m = masks.flatten(2).transpose(1, 2)  # [N, HW, regions]
-    means = torch.bmm(resp.flatten(2), m) / area[:, None, :]  # [N, S*R, regions]
-    sub = (resp[..., ::2, ::2] * cell[..., ::2, ::2]).flatten(2)  # the grid _q reads
-    quants = torch.quantile(sub, torch.tensor([0.9, 0.99], device=gs.device), dim=2)
+    sub_cell = cell[..., ::2, ::2].flatten(2)  # the grid _q reads
+    means, subs = [], []
+    for r in (log, ridge, blob, dark):
+        means.append(torch.bmm(r.flatten(2), m) / area[:, None, :])  # [N, S, regions]
+        subs.append(r[..., ::2, ::2].flatten(2) * sub_cell)
+    means = torch.stack(means, 2)  # [N, S, R, regions]
+    quants = _upper_quantiles(torch.stack(subs, 2), (0.9, 0.99))  # [2, N, S, R]
     peaks = (log == _max_filter(log, max(1, round(2 * f)))) & (log > 0)
     per_area = cell.flatten(1).sum(1).clamp_min(1.0).view(-1, 1, 1) / (400.0 * f * f)
     levels = torch.tensor(PEAK_LEVELS, device=gs.device).view(1, 1, -1, 1, 1)
     counted = (peaks[:, :, None] & (log[:, :, None] > levels)).float().flatten(1, 2)
     counts = torch.bmm(counted.flatten(2), m) / per_area  # [N, S*levels, regions]
     return torch.cat(
-        [means.reshape(n, -1), quants.permute(1, 2, 0).reshape(n, -1), counts.reshape(n, -1)], 1
+        [means.reshape(n, -1), quants.permute(1, 2, 3, 0).reshape(n, -1), counts.reshape(n, -1)], 1
     )

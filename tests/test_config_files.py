@@ -100,6 +100,7 @@ def test_recipes_reference_and_fasthpa(root, tmp_path, capsys):
     reference = capsys.readouterr().out
     assert 'recipe = "reference"' in reference and "batch_size = 8" in reference
     assert 'lr_schedule = "constant"' in reference and 'loss = "wbce"' in reference
+    assert 'amp = "off"' in reference  # the report's fp32, on every device
     assert call(["--out", str(tmp_path / "f"), "--print-config"]) == 0
     default = capsys.readouterr().out
     import tomllib

@@ -23,7 +23,7 @@ from fasthpa.model import LOCATION_KEY, add_location_for, build_model
 
 
 def _gauss(img: np.ndarray, sigma: float) -> np.ndarray:
-    return ndimage.gaussian_filter(img, sigma, mode="mirror", truncate=8.0)
+    return ndimage.gaussian_filter(img, sigma, mode="mirror")
 
 
 def _q(a: np.ndarray, q: float) -> float:
@@ -88,11 +88,26 @@ def _images(n: int, size: int, seed: int) -> np.ndarray:
     return np.stack(imgs).transpose(0, 3, 1, 2).astype(np.float64) / 255.0
 
 
-def test_the_blur_is_scipys_gaussian_with_mirrored_borders():
-    img = np.random.default_rng(0).random((40, 33))
-    got = _blur(torch.tensor(img, dtype=torch.float32)[None, None], SCALES)[0].numpy()
-    for k, s in enumerate(SCALES):
-        np.testing.assert_allclose(got[k], _gauss(img, s), atol=2e-4, err_msg=f"sigma {s}")
+@pytest.mark.parametrize("shape", [(40, 33), (7, 12)])
+def test_the_blur_is_scipys_gaussian_with_mirrored_borders(shape):
+    # (7, 12): the radius at the larger sigmas outruns the side, and mirrors more than once
+    imgs = np.random.default_rng(0).random((3, *shape))
+    got = _blur(torch.tensor(imgs, dtype=torch.float32)[:, None], SCALES).numpy()
+    assert got.shape == (3, len(SCALES), *shape)
+    for n, img in enumerate(imgs):
+        for k, s in enumerate(SCALES):
+            want = _gauss(img, s)
+            np.testing.assert_allclose(got[n, k], want, atol=2e-6, err_msg=f"sigma {s}")
+
+
+def test_the_upper_quantiles_are_torchs():
+    from fasthpa.location import _upper_quantiles
+
+    x = torch.randn(3, 5, 1000)
+    x[0, 0, :600] = 0.0  # ties, as the zeros outside the cell make them
+    for qs in [(0.9, 0.99), (0.5, 0.8, 0.95, 0.99, 1.0)]:
+        want = torch.quantile(x, torch.tensor(qs), dim=-1)
+        torch.testing.assert_close(_upper_quantiles(x, qs), want, rtol=2e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("size", [64, 128, 200])
@@ -105,7 +120,7 @@ def test_the_features_match_the_per_image_reference(size):
     assert got.shape == (8, DIM) and np.isfinite(got).all()
     want = np.stack([reference(img) for img in x])
     assert want.shape == got.shape
-    # a float32 FFT blur against SciPy's float64 one: a mask pixel or a puncta count can flip
+    # a float32 blur against SciPy's float64 one: a mask pixel or a puncta count can flip
     # at its threshold, so each feature is compared at its own scale, and nearly all must match
     scale = np.abs(want).max(0) + 1e-3
     close = np.abs(got - want) <= 0.02 * scale

@@ -227,7 +227,7 @@ def test_gather_pixels_equals_numpy_views():
         # the pinned-host path's host side: the same samples into a staging buffer, 2 threads
         spec = SimpleNamespace(workers=2, stats=STATS, crop=crop)
         staged = np.zeros_like(got.numpy())
-        resident._HostAssembler(store, spec).staged(slots, draws, staged)
+        resident._HostAssembler(store, spec, 2).staged(slots, draws, staged)
         assert np.array_equal(staged, got.numpy())
 
 

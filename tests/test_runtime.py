@@ -59,8 +59,16 @@ def test_no_sync_is_a_no_op_without_ddp():
         pass
 
 
-def test_amp_choice_and_autocast():
-    assert amp_dtype("auto", CPU) is None  # off on the CPU unless asked
+def test_amp_choice_and_autocast(monkeypatch):
+    from fasthpa import runtime
+
+    # auto: bf16 on a CPU with native bf16 instructions, off on one without
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    assert not runtime.cpu_has_native_bf16() and amp_dtype("auto", CPU) is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert runtime.cpu_has_native_bf16() and amp_dtype("auto", CPU) is torch.bfloat16
+    monkeypatch.undo()
     assert amp_dtype("bf16", CPU) is torch.bfloat16 and amp_dtype("off", CPU) is None
     with autocast_factory(CPU, torch.bfloat16)():
         y = nn.Linear(4, 4)(torch.randn(2, 4))
