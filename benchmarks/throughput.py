@@ -18,7 +18,8 @@ reports two figures, as the NVIDIA reference trainers do:
   step loop spent waiting for data.
 
 The batch-size sweep runs the trainer's default configuration for the device (CUDA: channels_last
-+ bf16 + compile + fused loss; CPU: channels_last, fp32, eager) at each batch size (CUDA: 8,
++ bf16 + compile + fused loss; CPU: channels_last, eager, bf16 where the CPU has native bf16,
+else fp32) at each batch size (CUDA: 8,
 doubling until out of memory, then one step back between the last fit and the failure; or the
 ``--batch-sizes`` list), a fresh model per size, reporting images/sec, efficiency relative to the
 best batch, step time, peak memory and MFU: training FLOPs per image counted with
@@ -106,8 +107,12 @@ def default_config(device_type: str, compile_on: bool) -> StepConfig:
     if device_type == "cuda":
         name = "trainer default (cuda)" if compile_on else "trainer default (cuda), eager"
         return StepConfig(name, True, True, compile_on, True)
-    # on CPU the trainer leaves AMP and compile off (--amp auto, --compile default)
-    return StepConfig("trainer default (cpu)", True, False, False, True)
+    # on CPU the default recipe's --amp auto is bf16 where the CPU has native bf16; no compile
+    from fasthpa.runtime import cpu_has_native_bf16
+
+    bf16 = cpu_has_native_bf16()
+    name = "trainer default (cpu, bf16)" if bf16 else "trainer default (cpu, fp32)"
+    return StepConfig(name, True, bf16, False, True)
 
 
 @dataclass
@@ -684,6 +689,8 @@ def _same_model(a: StepConfig, b: StepConfig) -> bool:
 
 
 def _notes(run: _Run) -> list[str]:
+    from fasthpa.runtime import cpu_has_native_bf16
+
     notes = []
     if not run.compile_on:
         notes.append("torch.compile rung skipped: --compile off.")
@@ -701,8 +708,9 @@ def _notes(run: _Run) -> list[str]:
             "no gain is expected from that rung here."
         )
         notes.append(
-            "AMP on CPU: `fasthpa train` leaves AMP off on CPU by default (--amp auto); the bf16 "
-            "rung shows what --amp bf16 gives on this CPU (many CPUs without bf16 units lose)."
+            "AMP on CPU: the default recipe's --amp auto is bf16 on a CPU with native bf16 "
+            f"(AVX-512 BF16 or AMX; this one: {'yes' if cpu_has_native_bf16() else 'no'}), "
+            "fp32 otherwise; the bf16 rung shows what --amp bf16 gives on this CPU."
         )
     return notes
 

@@ -469,3 +469,16 @@ def test_seed_experiments_quick_assembles_every_experiment_with_numbers(tmp_path
         assert heading in md
     assert all(f"| {name} |" in md for name in rows)
     assert (out / "report" / "report.md").is_file() and (out / "per_label.csv").is_file()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_cpu_sweep_runs_the_default_recipes_amp(monkeypatch, native):
+    """The sweep's CPU config is what `fasthpa train` runs: bf16 where --amp auto picks it."""
+    import fasthpa.runtime as rt
+
+    monkeypatch.setattr(rt, "cpu_has_native_bf16", lambda: native)
+    cfg = throughput.default_config("cpu", compile_on=False)
+    expected = rt.amp_dtype("auto", torch.device("cpu")) is not None
+    assert cfg.amp is expected is native
+    assert (cfg.channels_last, cfg.compile) == (True, False)
+    assert cfg.name.endswith("bf16)" if native else "fp32)")
