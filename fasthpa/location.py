@@ -14,14 +14,15 @@ Intensities are relative to the image's own green 99th percentile, so expression
 exposure cancel.
 
 No parameters and no training: a fixed function of the pixels, batched (two matrix products
-blur every scale, the rest is elementwise maps, pooling and batched products), in float32 whatever the
-autocast. The refit (fasthpa.train.refit) reads them beside the network's pooled features: on a
-small or short run they carry most of the signal for labels the network has seen a handful of
+blur every scale, the rest is elementwise maps, pooling and batched products), in float32
+whatever the autocast, with TF32 off on CUDA. The refit (fasthpa.train.refit) reads them beside
+the network's pooled features: on a small or short run they carry most of the signal for labels the network has seen a handful of
 times (the rare labels); where the network has learned more, the fit leans on the network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -133,6 +134,10 @@ class LocationFeatures(nn.Module):
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _ieee_fp32_matmuls(x.device):
+            return self._features(x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() * self.std + self.mean).clamp(0.0, 1.0)
         red, green, blue = x[:, 0:1], x[:, 1:2], x[:, 2:3]
         yellow = x[:, 3:4] if x.shape[1] > 3 else torch.zeros_like(red)
@@ -150,6 +155,25 @@ class LocationFeatures(nn.Module):
         sigmas = tuple(s * f for s in SCALES)
         out.append(_scale_space(_blur(g, sigmas), sigmas, masks, cell, f))
         return torch.cat(out, 1)
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmuls(device: torch.device):
+    """Full float32 matrix products on CUDA for the duration: the trainer turns TF32 on for the
+    network (runtime.enable_tf32), and TF32's 10-bit mantissa in the blurs would reach the
+    Hessian's second differences and the puncta counts. Nothing to change on a CPU, or inside
+    a torch.compile trace (the flag is read when the graph is built)."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(m, "fp32_precision") else "allow_tf32"
+    before = getattr(m, name)
+    setattr(m, name, "ieee" if name == "fp32_precision" else False)
+    try:
+        yield
+    finally:
+        setattr(m, name, before)
 
 
 def _compartments(red, green, blue, yellow, f: float) -> tuple[torch.Tensor, torch.Tensor]:

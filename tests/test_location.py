@@ -139,6 +139,27 @@ def test_the_features_ignore_autocast_and_take_three_channels():
     assert rgb.shape == (2, DIM) and torch.isfinite(rgb).all()
 
 
+@pytest.mark.gpu
+def test_on_cuda_with_tf32_on_the_features_are_the_cpus():
+    """The trainer turns TF32 on (runtime.enable_tf32); the features turn it off for their own
+    matrix products, and back on after."""
+    from fasthpa.location import _ieee_fp32_matmuls
+    from fasthpa.runtime import enable_tf32
+
+    enable_tf32()
+    before = torch.backends.cuda.matmul.fp32_precision
+    x = torch.tensor(_images(8, 128, seed=3), dtype=torch.float32)
+    cuda = torch.device("cuda")
+    with _ieee_fp32_matmuls(cuda):
+        blur = _blur(x[:, 1:2].to(cuda), SCALES).cpu()
+    torch.testing.assert_close(blur, _blur(x[:, 1:2], SCALES), rtol=0, atol=1e-5)
+    mod = LocationFeatures((0.0,) * 4, (1.0,) * 4)
+    got, want = mod.to(cuda)(x.to(cuda)).cpu().numpy(), mod.cpu()(x).numpy()
+    assert torch.backends.cuda.matmul.fp32_precision == before
+    scale = np.abs(want).max(0) + 1e-3
+    assert (np.abs(got - want) <= 1e-3 * scale).mean() > 0.999
+
+
 def test_add_location_keeps_the_outputs_and_the_state_round_trips():
     torch.manual_seed(0)
     model, _ = build_model("resnet18", pretrained="none")
