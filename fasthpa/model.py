@@ -153,13 +153,14 @@ class HPANet(nn.Module):
         self.frozen_backbone = frozen_backbone
         self.location: LocationFeatures | None = None
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, location: torch.Tensor | None = None) -> torch.Tensor:
         """[N, fc.in_features]: the pooled features the classifier reads, and after
-        :meth:`add_location` the classical location features of ``x`` after them."""
+        :meth:`add_location` the classical location features of ``x`` after them (``location``:
+        those features already computed, by a net with the same statistics; StackedNet)."""
         pooled = self.pool(self.body(x)).flatten(1)
         if self.location is None:
             return pooled
-        return torch.cat([pooled.float(), self.location(x)], dim=1)
+        return torch.cat([pooled.float(), self.location(x) if location is None else location], 1)
 
     def add_location(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         """Read fasthpa.location's features (of images normalised with ``mean``/``std``) beside
@@ -199,13 +200,36 @@ class StackedNet(nn.Module):
             self.fc.weight.copy_(weight)
             self.fc.bias.copy_(bias)
         self.fc.to(next(nets[0].parameters()).device)
+        self.location_from = [_same_location(nets, k) for k in range(len(nets))]
+        """for each net, the first net whose location features it shares (None: it reads none)"""
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, sum of the nets' fc.in_features]: each net's pooled features, in order."""
-        return torch.cat([n.features(x) for n in self.nets], dim=1)
+        """[N, sum of the nets' fc.in_features]: each net's pooled features, in order; the
+        location features, a fixed function of the pixels, computed once for nets that
+        normalise alike (a cv's folds: one set of channel statistics)."""
+        out, shared = [], {}
+        for net, k in zip(self.nets, self.location_from, strict=True):
+            if k is not None and k not in shared:
+                shared[k] = net.location(x)
+            out.append(net.features(x, shared.get(k)))
+        return torch.cat(out, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x).to(self.fc.weight.dtype))
+
+
+def _same_location(nets: list[HPANet], k: int) -> int | None:
+    """The first of ``nets`` whose location features equal net k's (the same normalisation
+    statistics), or None when net k reads none."""
+    mine = nets[k].location
+    if mine is None:
+        return None
+    for j, net in enumerate(nets[: k + 1]):
+        other = net.location
+        if other is not None and torch.equal(other.mean.cpu(), mine.mean.cpu()):
+            if torch.equal(other.std.cpu(), mine.std.cpu()):
+                return j
+    return k
 
 
 def set_frozen_bn_eval(model: nn.Module) -> int:

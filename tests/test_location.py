@@ -216,3 +216,29 @@ def test_the_max_filter_is_the_square_window():
 
     x = torch.randn(2, 3, 21, 18)
     torch.testing.assert_close(_max_filter(x, 2), torch.nn.functional.max_pool2d(x, 5, 1, 2))
+
+
+def test_a_stack_computes_shared_location_features_once():
+    """StackedNet: folds normalised alike share one pass of the location features (a fixed
+    function of the pixels); a fold with other statistics gets its own; the features are the
+    plain concatenation of each net's, bit for bit."""
+    from fasthpa.model import StackedNet
+
+    def net(mean):
+        m = build_model("resnet18", num_classes=28, in_channels=4, pretrained="none")[0].eval()
+        m.add_location(mean, (0.2,) * 4)
+        return m
+
+    nets = [net((0.1,) * 4), net((0.1,) * 4), net((0.3,) * 4)]
+    width = sum(n.fc.in_features for n in nets)
+    stack = StackedNet(nets, torch.zeros(28, width), torch.zeros(28)).eval()
+    assert stack.location_from == [0, 0, 2]
+    calls = []
+    for n in nets:
+        n.location.register_forward_hook(lambda mod, args, out: calls.append(mod))
+    x = torch.tensor(_images(2, 32, seed=5), dtype=torch.float32)
+    with torch.no_grad():
+        got = stack.features(x)
+        assert calls == [nets[0].location, nets[2].location]
+        want = torch.cat([n.features(x) for n in nets], 1)
+    assert torch.equal(got, want)
