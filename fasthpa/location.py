@@ -91,12 +91,16 @@ def _max_filter(x: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _max_1d(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """Windows of 2r+1 along ``dim`` by doubling: maxima over spans of 1, 2, 4, ... up to the
+    largest power of two within the window, then two such spans, which cover it (log2 of the
+    window in passes, not 2r)."""
+    n, window = x.shape[dim], 2 * r + 1
     pad = (r, r, 0, 0) if dim == 3 else (0, 0, r, r)
-    p = F.pad(x, pad, value=float("-inf"))
-    out = p.narrow(dim, 0, x.shape[dim])
-    for shift in range(1, 2 * r + 1):
-        out = torch.maximum(out, p.narrow(dim, shift, x.shape[dim]))
-    return out
+    m, span = F.pad(x, pad, value=float("-inf")), 1  # m[i] = max of the padded p[i : i + span]
+    while 2 * span <= window:
+        k = m.shape[dim] - span
+        m, span = torch.maximum(m.narrow(dim, 0, k), m.narrow(dim, span, k)), 2 * span
+    return torch.maximum(m.narrow(dim, 0, n), m.narrow(dim, window - span, n))
 
 
 def _q(x: torch.Tensor, q: float) -> torch.Tensor:

@@ -211,11 +211,13 @@ def test_the_default_refit_reads_the_location_features_and_predict_reproduces_it
     assert LOCATION_KEY not in load_checkpoint(rare / "last.pt")["model"]
 
 
-def test_the_max_filter_is_the_square_window():
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 7, 8, 11])
+def test_the_max_filter_is_the_square_window(r):
     from fasthpa.location import _max_filter
 
     x = torch.randn(2, 3, 21, 18)
-    torch.testing.assert_close(_max_filter(x, 2), torch.nn.functional.max_pool2d(x, 5, 1, 2))
+    want = torch.nn.functional.max_pool2d(x, 2 * r + 1, 1, r)
+    assert torch.equal(_max_filter(x, r), want)
 
 
 def test_a_stack_computes_shared_location_features_once():
