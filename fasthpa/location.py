@@ -37,6 +37,11 @@ REFERENCE_SIZE = 128
 an image of side S is the same field of view at S / REFERENCE_SIZE times the pixels"""
 PEAK_LEVELS = (0.05, 0.15, 0.3)
 """Laplacian strengths (relative to the green 99th percentile) above which a local maximum counts"""
+CHUNK_PIXELS = {"cpu": 1 << 19, "cuda": 1 << 22}
+"""images per pass, by device: at most this many pixels. It bounds the memory of the
+full-resolution responses (about 20 float32 maps of 6 scales each) whatever the batch; on a CPU
+the smaller passes also run faster, their maps nearer the caches (measured on a 2-core EPYC:
+2 images at 512 px 99 ms/img against 221 for 8; 32 at 128 px 3.2 ms/img against 4.4 for 256)"""
 _REGIONS = 4  # nucleus, cytoplasm, cytoplasm beside the nucleus, the rest of the cytoplasm
 _RESPONSES = 4  # blob (LoG), ridge, Hessian-determinant blob, dark centre
 DIM = 2 + 2 * _REGIONS + 4 + 3 + len(SCALES) * (_RESPONSES * (_REGIONS + 2) + 3 * _REGIONS)
@@ -138,8 +143,10 @@ class LocationFeatures(nn.Module):
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        budget = CHUNK_PIXELS.get(x.device.type, CHUNK_PIXELS["cpu"])
+        step = max(1, budget // (x.shape[-2] * x.shape[-1]))
         with _ieee_fp32_matmuls(x.device):
-            return self._features(x)
+            return torch.cat([self._features(part) for part in x.split(step)])
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() * self.std + self.mean).clamp(0.0, 1.0)

@@ -128,6 +128,16 @@ def test_the_features_match_the_per_image_reference(size):
     assert (np.abs(got - want) <= 0.1 * scale).all()
 
 
+def test_a_large_batch_runs_in_chunks_with_the_same_features(monkeypatch):
+    import fasthpa.location as loc
+
+    x = torch.tensor(_images(5, 64, seed=2), dtype=torch.float32)
+    mod = LocationFeatures((0.0,) * 4, (1.0,) * 4)
+    whole = mod(x)
+    monkeypatch.setitem(loc.CHUNK_PIXELS, "cpu", 2 * 64 * 64)  # chunks of 2, 2 and 1 images
+    torch.testing.assert_close(mod(x), whole, rtol=1e-5, atol=1e-5)
+
+
 def test_the_features_ignore_autocast_and_take_three_channels():
     x = torch.tensor(_images(2, 64, seed=1), dtype=torch.float32)
     mod = LocationFeatures((0.0,) * 4, (1.0,) * 4)
