@@ -26,18 +26,23 @@ pytestmark = pytest.mark.slow
 FAST = {"loader": "torch", "workers": 0}
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def _main_run(base: Path, seed: int, extra: str) -> Path:
+    """A tiny main run (60 synthetic samples at 32 px, 1 epoch) in ``base``; ``extra`` flags."""
     from fasthpa.data.synth import generate
 
-    base = tmp_path_factory.mktemp("rare")
     root, run = base / "data", base / "run"
-    generate(root, n=60, size=32, test_n=8, seed=6, workers=1)
+    generate(root, n=60, size=32, test_n=8, seed=seed, workers=1)
     flags = (
         "--image-size 32 --batch-size 8 --workers 0 --loader torch --no-progress --pretrained none "
-        "--epochs 1 --log-every 4 --split 0.6,0.2,0.2 --recipe reference"
+        f"--epochs 1 --log-every 4 --split 0.6,0.2,0.2 {extra}"
     )
     assert train_main(["--data", str(root), "--out", str(run), *flags.split()]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    run = _main_run(tmp_path_factory.mktemp("rare"), 6, "--recipe reference")
     summary = train_rare_models(run, labels=[8, 27], epochs=1, overrides={"data": FAST})
     assert summary["status"] == "finished"
     return run
@@ -127,3 +132,35 @@ def test_bad_requests_are_one_line(run, tmp_path, capsys):
         assert err.startswith("error: ") and needle in err and "\n" not in err, err
     with pytest.raises(UserError, match="no label is rarer than --below"):
         train_rare_models(run, below=1e-9)
+
+
+@pytest.fixture(scope="module")
+def refit_run(tmp_path_factory) -> Path:
+    """A main run of the default recipe (the refit with the location features) and the
+    rare-label model of one label."""
+    run = _main_run(tmp_path_factory.mktemp("rare_refit"), 7, "")
+    assert load_config(run / "config.json").run.refit_heads
+    label = int(np.argmax(training_targets(run, load_config(run / "config.json")).sum(0) > 0))
+    summary = train_rare_models(run, labels=[label], epochs=1, overrides={"data": FAST})
+    assert summary["status"] == "finished"
+    return run
+
+
+def test_after_a_refitting_run_the_rare_model_refits_on_the_whole_training_part(refit_run):
+    main = load_config(refit_run / "config.json")
+    (out,) = sorted((refit_run / "rare").glob("label*"))
+    cfg = load_config(out / "config.json")
+    assert cfg.run.refit_heads and cfg.run.location_features
+    assert cfg.run.threshold_rule == main.run.threshold_rule
+    label = int(cfg.data.labels)
+    targets = training_targets(refit_run, main)
+    refit = json.loads((out / "refit.json").read_text())
+    # its network trained on the enriched subsample; its classifier on every training row
+    assert subsample_rows(targets, label, 0.2) < len(targets) == refit["train_rows"]
+    oof = np.load(out / "train_oof_probs.npz")
+    assert oof["probs"].shape == (len(targets), 1)
+    assert oof["labels"][:, 0].sum() == targets[:, label].sum()
+    assert any(k.startswith("location.") for k in load_checkpoint(out / "best.pt")["model"])
+    data = main.data.data
+    got = predict(refit_run, data, out=out.parent / "with.csv", **FAST)
+    assert np.isfinite(got.probs).all() and got.probs.shape[1] == 28

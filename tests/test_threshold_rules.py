@@ -215,3 +215,25 @@ def test_choose_rule_with_an_lpr_tolerance_skips_rules_that_predict_too_many_lab
     # nothing eligible: the plain best is kept
     none = choose_rule(p, y, ("global",), folds=2, repeats=2, seed=1, lpr_tolerance=0.0)
     assert none.rule == "global"
+
+
+def test_choose_rule_with_an_lpr_tolerance_and_no_positives_keeps_every_rule():
+    # a rare-label model's dev part can hold no positive: no rate to be near, no division
+    rng = np.random.default_rng(4)
+    p, y = rng.random((60, 1)).astype(np.float32), np.zeros((60, 1), np.uint8)
+    got = choose_rule(p, y, ("exact", "prevalence"), folds=2, repeats=2, lpr_tolerance=0.3)
+    assert got.expected_labels_per_row == 0 and got.rule in ("exact", "prevalence")
+
+
+def test_fit_configured_applies_at_least_one_to_all_labels_only():
+    from fasthpa.thresholds.rules import fit_configured
+
+    rng = np.random.default_rng(5)
+    y = (rng.random((200, 1)) < 0.1).astype(np.uint8)
+    p = np.clip(0.4 * y + 0.6 * rng.random((200, 1)), 0, 1).astype(np.float32)
+    _, one = fit_configured(p, y, "auto", y.mean(0), lpr_tolerance=0.3)
+    # one label: at-least-one would predict it on every row, whatever the rule
+    assert one["options"]["at_least_one"] is False and one["labels_per_row"] < 0.5
+    p28, y28 = make_case(rng, 200, 28)
+    _, full = fit_configured(p28, y28, "auto", y28.mean(0))
+    assert full["options"]["at_least_one"] is True

@@ -54,9 +54,12 @@ def rare_config(
         split=str(out / "split.csv"),
     )
     model = dataclasses.replace(main.model, init_from=str(run_dir / "best.pt"), pretrained="none")
-    # the training subsample is enriched (positives make ``share`` of it): a refit's out-of-fold
-    # scores, or a prevalence rule, would set the threshold at that share rather than the
-    # label's real rate, so the threshold is the exact cut on the dev part (real prevalence)
+    # the network fine-tunes on the enriched subsample (positives make ``share`` of it); a main
+    # run that refits gets the same refit here, on the whole training part at the label's real
+    # rate (fasthpa.train.refit), with its location features and threshold rule. Without a
+    # refit the threshold is the exact cut on the dev part: a rule on the enriched subsample
+    # would put it at the share rather than the real rate
+    refit = main.run.refit_heads
     run = dataclasses.replace(
         main.run,
         out=str(out),
@@ -64,9 +67,9 @@ def rare_config(
         resume=None,
         max_steps=None,
         batch_size=min(main.run.batch_size, batch_for(train_rows)),
-        refit_heads=False,
-        location_features=False,
-        threshold_rule="exact",
+        refit_heads=refit,
+        location_features=refit and main.run.location_features,
+        threshold_rule=main.run.threshold_rule if refit else "exact",
     )
     cfg = dataclasses.replace(main, data=data, model=model, run=run)
     values = cfg.to_dict()

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from fasthpa.labels import NUM_LABELS
 from fasthpa.thresholds.search import (
     ThresholdResult,
     _default_names,
@@ -278,9 +279,8 @@ def choose_rule(
         scores[name] = (float(np.mean(f1s)), float(np.std(f1s)))
         per_row[name] = float(np.mean([p.sum(axis=1).mean() for p in preds]))
     expected = float((labels != 0).sum(axis=1).mean())
-    eligible = [
-        r for r in rules if lpr_tolerance is None or abs(per_row[r] / expected - 1) <= lpr_tolerance
-    ]
+    judged = lpr_tolerance is not None and expected > 0  # no positives: no rate to be near
+    eligible = [r for r in rules if not judged or abs(per_row[r] / expected - 1) <= lpr_tolerance]
     best = max(eligible or list(rules), key=lambda r: (scores[r][0], -rules.index(r)))
     return RuleChoice(
         rule=best,
@@ -326,7 +326,11 @@ def fit_configured(
     if rule == "exact":
         return fit_thresholds(probs, labels, "exact", label_names=label_names), {"rule": "exact"}
     if rule == "auto":
-        choice = choose_rule(probs, labels, rates=rates, seed=seed, lpr_tolerance=lpr_tolerance)
+        # the at-least-one rule of a submission holds over all labels, not a rare-label model's
+        full = labels.shape[1] == NUM_LABELS
+        choice = choose_rule(
+            probs, labels, rates=rates, seed=seed, at_least_one=full, lpr_tolerance=lpr_tolerance
+        )
         thresholds, record = choice.thresholds, choice.to_json()
     else:
         thresholds, record = fit_rule(probs, labels, rule, rates), {"rule": rule}

@@ -67,6 +67,14 @@ class DataParts:
     dev_idx: np.ndarray
     test_idx: np.ndarray
     stats: ChannelStats
+    whole_train_idx: np.ndarray | None = None
+    """the training part before enrichment, when ``train_idx`` is an enriched subsample of it
+    (a rare-label model): the label's real rate, and the rows the refit fits on"""
+
+    @property
+    def part_idx(self) -> np.ndarray:
+        """The whole training part (``train_idx`` unless it is an enriched subsample)."""
+        return self.train_idx if self.whole_train_idx is None else self.whole_train_idx
 
     @property
     def ids(self) -> list[str]:
@@ -216,10 +224,12 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, info: DistInfo) -> DataParts:
     # every file the run will read, checked before training (one local rank per node)
     rows = np.concatenate([train_idx, dev_idx, test_idx])
     check_every_rank(lambda: info.local_rank or preflight(source, rows, cfg.in_channels), info)
+    whole = None
     if cfg.data.labels is not None:  # a model of some labels only (fasthpa rare)
         source = dataclasses.replace(source, targets=source.targets[:, list(cfg.label_indices)])
+        whole = train_idx
         train_idx = _enriched(train_idx, source.targets, cfg.data.positive_share, cfg.run.seed)
-    return DataParts(source, train_idx, dev_idx, test_idx, stats)
+    return DataParts(source, train_idx, dev_idx, test_idx, stats, whole)
 
 
 def _enriched(rows: np.ndarray, targets: np.ndarray, share: float, seed: int) -> np.ndarray:

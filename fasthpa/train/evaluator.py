@@ -57,7 +57,7 @@ class Evaluator:
             rows, probs = got
             labels = run.data.targets[rows]
             names = [LABEL_NAMES[i] for i in run.cfg.label_indices]
-            rates = run.data.targets[run.data.train_idx].mean(axis=0)
+            rates = run.data.targets[run.data.part_idx].mean(axis=0)  # real, not enriched
             r = run.cfg.run
             with intra_op_threads(1):  # many tiny fits: see fasthpa.runtime
                 fit, _ = fit_configured(

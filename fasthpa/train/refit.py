@@ -5,7 +5,8 @@
 After a short run the last Linear layer lags the features it reads: it chased them while they
 moved. Refitting it to convergence on the final features of the training part -- one
 L2-regularised logistic regression per label, a dedicated binary model per label on fixed
-features -- costs one evaluation pass over the training part and a few seconds of L-BFGS, and
+features -- costs one evaluation pass over the training part (all of it for a rare-label
+model, whose network trained on an enriched subsample) and a few seconds of L-BFGS, and
 K-fold out-of-fold scores of the same fit give the thresholds a fit on every training row
 instead of a 5% dev part. ``best.pt`` then holds the refitted classifier (the trained one kept
 under ``fc_before_refit``), ``thresholds.json`` the thresholds of the out-of-fold scores,
@@ -163,7 +164,7 @@ def pooled_features(model, loader, rows: np.ndarray, autocast) -> torch.Tensor:
 def refit_heads(run: Run, seed: int) -> dict[str, Any]:
     """Refit best.pt's classifier on the training part's features (rank 0; see the module
     docstring); returns the summary also written to refit.json."""
-    cfg, rows = run.cfg, run.data.train_idx
+    cfg, rows = run.cfg, run.data.part_idx  # a rare-label model: all of it, at the real rate
     best = load_checkpoint(run.run_dir / "best.pt")
     add_location_for(run.model, best["model"]).load_state_dict(best["model"])
     if cfg.run.location_features and run.model.location is None:
