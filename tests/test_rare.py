@@ -164,3 +164,18 @@ def test_after_a_refitting_run_the_rare_model_refits_on_the_whole_training_part(
     data = main.data.data
     got = predict(refit_run, data, out=out.parent / "with.csv", **FAST)
     assert np.isfinite(got.probs).all() and got.probs.shape[1] == 28
+
+
+@pytest.mark.parametrize("with_f1", [0.4, 0.6])
+def test_the_table_says_when_the_test_part_scored_lower_with_them(capsys, with_f1):
+    from fasthpa.rare.models import _print
+
+    row = {"label": 8, "name": "Peroxisomes", "dev_positives": 1}
+    row |= {"dev_f1_main": 0.5, "dev_f1_rare_model": 0.0}
+    test = {
+        k: {"macro_f1": f, "per_label_f1": {8: f}} for k, f in [("without", 0.5), ("with", with_f1)]
+    }
+    _print({"status": "finished", "labels": [row], "test_part": test})
+    out = capsys.readouterr().out
+    assert f"0.5000 without the rare-label models, {with_f1:.4f} with them" in out
+    assert ("scored lower with them" in out) is (with_f1 < 0.5)

@@ -179,10 +179,16 @@ def _print(summary: dict[str, Any]) -> None:
         )
     Console().print(t)
     if test:
+        without, with_ = test["without"]["macro_f1"], test["with"]["macro_f1"]
         print(
-            f"test part macro F1: {test['without']['macro_f1']:.4f} without the rare-label models, "
-            f"{test['with']['macro_f1']:.4f} with them"
+            f"test part macro F1: {without:.4f} without the rare-label models, "
+            f"{with_:.4f} with them"
         )
+        if with_ < without:
+            print(
+                "note: the test part scored lower with them; `fasthpa predict` uses them unless "
+                "given --no-rare (README: on held-out synthetic sets they have cost F1 so far)"
+            )
 
 
 def _dev_comparison(run_dir: Path, label: int) -> dict[str, Any]:
