@@ -16,8 +16,9 @@ exposure cancel.
 No parameters and no training: a fixed function of the pixels, batched (two matrix products
 blur every scale, the rest is elementwise maps, pooling and batched products), in float32
 whatever the autocast, with TF32 off on CUDA. The refit (fasthpa.train.refit) reads them beside
-the network's pooled features: on a small or short run they carry most of the signal for labels the network has seen a handful of
-times (the rare labels); where the network has learned more, the fit leans on the network.
+the network's pooled features: on a small or short run they carry most of the signal for labels
+the network has seen a handful of times (the rare labels); where the network has learned more,
+the fit leans on the network.
 """
 
 from __future__ import annotations

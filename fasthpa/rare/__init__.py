@@ -14,8 +14,9 @@ network's features and the location features of the whole training part, at the 
 rate, thresholds from the out-of-fold scores by the run's rule; after one that does not, its
 threshold is the exact cut on the run's dev part. ``fasthpa predict`` then takes each rare
 label's probability from its model instead of the main one's (and its threshold).
-``RUN/rare/summary.json`` and the table printed give each label's dev F1 from the main model and from its own, and, when the run
-has a test part, the test part's per-label and macro F1 with and without them.
+``RUN/rare/summary.json`` and the table printed give each label's dev F1 from the main model
+and from its own, and, when the run has a test part, the test part's per-label and macro F1
+with and without them (README, "Rare-label models": so far they have cost F1 on held-out data).
 
 From Python: ``train_rare_models(run_dir, below=0.05, share=0.2) -> dict``.
 """
