@@ -23,13 +23,14 @@ the fit leans on the network.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fasthpa.runtime import ieee_fp32_matmuls
 
 SCALES = (0.7, 1.0, 1.5, 2.2, 3.2, 4.5)
 """Gaussian sigmas in pixels of a REFERENCE_SIZE image; they grow with the image's side"""
@@ -146,7 +147,9 @@ class LocationFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         budget = CHUNK_PIXELS.get(x.device.type, CHUNK_PIXELS["cpu"])
         step = max(1, budget // (x.shape[-2] * x.shape[-1]))
-        with _ieee_fp32_matmuls(x.device):
+        # TF32 (the trainer's, for the network) would round the blurs that the Hessian's
+        # second differences and the puncta counts read
+        with ieee_fp32_matmuls(x.device):
             return torch.cat([self._features(part) for part in x.split(step)])
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,25 +170,6 @@ class LocationFeatures(nn.Module):
         sigmas = tuple(s * f for s in SCALES)
         out.append(_scale_space(_blur(g, sigmas), sigmas, masks, cell, f))
         return torch.cat(out, 1)
-
-
-@contextlib.contextmanager
-def _ieee_fp32_matmuls(device: torch.device):
-    """Full float32 matrix products on CUDA for the duration: the trainer turns TF32 on for the
-    network (runtime.enable_tf32), and TF32's 10-bit mantissa in the blurs would reach the
-    Hessian's second differences and the puncta counts. Nothing to change on a CPU, or inside
-    a torch.compile trace (the flag is read when the graph is built)."""
-    if device.type != "cuda" or torch.compiler.is_compiling():
-        yield
-        return
-    m = torch.backends.cuda.matmul
-    name = "fp32_precision" if hasattr(m, "fp32_precision") else "allow_tf32"
-    before = getattr(m, name)
-    setattr(m, name, "ieee" if name == "fp32_precision" else False)
-    try:
-        yield
-    finally:
-        setattr(m, name, before)
 
 
 def _compartments(red, green, blue, yellow, f: float) -> tuple[torch.Tensor, torch.Tensor]:

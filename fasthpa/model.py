@@ -224,11 +224,11 @@ def _same_location(nets: list[HPANet], k: int) -> int | None:
     mine = nets[k].location
     if mine is None:
         return None
-    for j, net in enumerate(nets[: k + 1]):
+    stats = (mine.mean.cpu(), mine.std.cpu())
+    for j, net in enumerate(nets[:k]):
         other = net.location
-        if other is not None and torch.equal(other.mean.cpu(), mine.mean.cpu()):
-            if torch.equal(other.std.cpu(), mine.std.cpu()):
-                return j
+        if other is not None and all(map(torch.equal, (other.mean.cpu(), other.std.cpu()), stats)):
+            return j
     return k
 
 

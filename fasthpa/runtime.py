@@ -80,6 +80,24 @@ def enable_tf32() -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+@contextlib.contextmanager
+def ieee_fp32_matmuls(device: torch.device):
+    """Full float32 matrix products on CUDA for the duration, whatever :func:`enable_tf32` set
+    (restored after; the same flag API as it). Nothing to change on a CPU, or inside a
+    torch.compile trace (the flag is read when the graph is built)."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(m, "fp32_precision") else "allow_tf32"
+    before = getattr(m, name)
+    setattr(m, name, "ieee" if name == "fp32_precision" else False)
+    try:
+        yield
+    finally:
+        setattr(m, name, before)
+
+
 def configure_backends(device: torch.device) -> None:
     """cudnn autotuning and TF32 on CUDA (nothing to do on the CPU)."""
     if device.type == "cuda":

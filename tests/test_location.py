@@ -153,14 +153,13 @@ def test_the_features_ignore_autocast_and_take_three_channels():
 def test_on_cuda_with_tf32_on_the_features_are_the_cpus():
     """The trainer turns TF32 on (runtime.enable_tf32); the features turn it off for their own
     matrix products, and back on after."""
-    from fasthpa.location import _ieee_fp32_matmuls
-    from fasthpa.runtime import enable_tf32
+    from fasthpa.runtime import enable_tf32, ieee_fp32_matmuls
 
     enable_tf32()
     before = torch.backends.cuda.matmul.fp32_precision
     x = torch.tensor(_images(8, 128, seed=3), dtype=torch.float32)
     cuda = torch.device("cuda")
-    with _ieee_fp32_matmuls(cuda):
+    with ieee_fp32_matmuls(cuda):
         blur = _blur(x[:, 1:2].to(cuda), SCALES).cpu()
     torch.testing.assert_close(blur, _blur(x[:, 1:2], SCALES), rtol=0, atol=1e-5)
     mod = LocationFeatures((0.0,) * 4, (1.0,) * 4)
